@@ -1,0 +1,1 @@
+"""The stages of the streamsight dataflow as small, typed units."""
