@@ -120,8 +120,11 @@ class Settings(BaseSettings):
     demo_fps: float = Field(
         default=15.0, ge=0, description="frames/s per demo camera; 0 sends as fast as possible"
     )
-    demo_job_id: str = Field(default="demo", description="job ID of the demo frames")
+    demo_job_id: str | None = Field(
+        default=None, description="job ID of the demo frames (default: demo-<start time>)"
+    )
     progress: bool = Field(default=True, description="show live progress and the summary")
+    log_level: str = Field(default="INFO", description="log level of the dataflow process")
 
     @field_validator("brokers")
     @classmethod

@@ -63,6 +63,7 @@ class FrameBatch:
     flush_reason: str
     opened_ns: int
     dispatched_ns: int
+    batch_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ class FrameResult:
     batch_flush_reason: str
     batch_dispatched_ns: int
     inferred_ns: int
+    batch_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

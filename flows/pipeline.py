@@ -1,0 +1,99 @@
+"""The dataflow's shape: ingest -> decode -> batch -> infer -> sinks, with dead letters split
+out at every stage. Wiring only; the stages live in `operators/`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.connectors.kafka import KafkaSourceMessage
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.outputs import Sink
+
+from flows.settings import Settings
+from operators import dead_letters as dl
+from operators.batching import batch_logic_builder, stream_key
+from operators.decode import FrameLimits, prepare_frame
+from operators.frames import DeadLetter, FrameBatch, FrameResult, PreparedFrame
+from operators.ingest import error_to_dead_letter, to_raw_frame
+
+Infer = Callable[[FrameBatch], list[FrameResult]]
+
+
+def infer_or_dead_letter(infer: Infer, batch: FrameBatch) -> list[FrameResult | DeadLetter]:
+    """Run `infer`; if the model fails, every frame of the batch becomes a dead letter."""
+    try:
+        return list(infer(batch))
+    except Exception as exc:  # a failing batch must not crash the dataflow
+        return [
+            DeadLetter(
+                stage="infer",
+                reason=dl.INTERNAL_ERROR,
+                detail=f"inference failed: {type(exc).__name__}",
+                topic=frame.meta.topic,
+                partition=frame.meta.partition,
+                offset=frame.meta.offset,
+                key=frame.meta.camera.encode(),
+                headers=(),
+                payload=None,
+                frame_id=frame.meta.frame_id,
+                job_id=frame.meta.job_id,
+                trace_carrier=dict(frame.meta.trace_carrier),
+            )
+            for frame in batch.frames
+        ]
+
+
+def build_flow(
+    settings: Settings,
+    *,
+    source: Source[Any],
+    infer: Infer,
+    input_size: tuple[int, int],
+    results: Sink[FrameResult],
+    dead_letters: Sink[DeadLetter],
+    flow_id: str = "streamsight",
+) -> Dataflow:
+    """Wire the stages into a Bytewax dataflow reading `source` and writing the two sinks."""
+    limits = FrameLimits(settings.max_frame_bytes, settings.max_pixels, input_size)
+    flow = Dataflow(flow_id)
+    messages = op.input("ingest", flow, source)
+    received = op.branch("split_source_errors", messages, _is_message)
+    raw = op.map("to_raw_frame", received.trues, to_raw_frame)
+    source_errors = op.map("source_error_to_dead_letter", received.falses, error_to_dead_letter)
+
+    decoded = op.map("decode", raw, partial(prepare_frame, limits=limits))
+    prepared = op.branch("split_decode_errors", decoded, _is_prepared)
+    keyed = op.key_on("stream_key", prepared.trues, partial(stream_key, by=settings.batch_key))
+    batches = op.stateful_batch(
+        "batch",
+        keyed,
+        batch_logic_builder(
+            settings.batch_max_size,
+            settings.batch_max_delay_ms / 1000.0,
+            partial(stream_key, by=settings.batch_key),
+        ),
+    )
+    unkeyed = op.key_rm("unkey", batches)
+    outcomes = op.flat_map("infer", unkeyed, partial(infer_or_dead_letter, infer))
+    inferred = op.branch("split_infer_errors", outcomes, _is_result)
+
+    op.output("sink", inferred.trues, results)
+    failed = op.merge("dead_letters", source_errors, prepared.falses, inferred.falses)
+    op.output("dead_letter_sink", failed, dead_letters)
+    return flow
+
+
+def _is_message(item: object) -> bool:
+    return isinstance(item, KafkaSourceMessage)
+
+
+def _is_prepared(item: object) -> bool:
+    return isinstance(item, PreparedFrame)
+
+
+def _is_result(item: object) -> bool:
+    return isinstance(item, FrameResult)

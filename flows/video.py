@@ -1,0 +1,78 @@
+"""The streamsight dataflow: `python -m bytewax.run flows.video`.
+
+With no `STREAMSIGHT_BROKERS` it runs the demo on the embedded broker and exits when the
+demo input is processed; with brokers it tails the input topic of a real Kafka cluster,
+with recovery on. Wiring only: settings -> stages -> `flow`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flows.demo import Demo
+from flows.pipeline import build_flow
+from flows.recovery import enable_recovery
+from flows.settings import load_settings, parse_size
+from operators.inference import shared_inferencer
+from operators.ingest import frame_source
+from operators.kafka_io import client_config, producer_config
+from operators.sinks import DeadLetterSink, ResultSink
+from operators.tally import Tally
+
+settings = load_settings()
+logging.basicConfig(
+    level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+)
+tally = Tally()
+
+demo: Demo | None = None
+if settings.embedded:
+    demo = Demo(settings, tally)
+    bootstrap = demo.bootstrap
+else:
+    enable_recovery(
+        settings.recovery_dir, settings.recovery_partitions, settings.snapshot_interval_s
+    )
+    bootstrap = settings.brokers or ""
+
+inferencer = shared_inferencer(
+    settings.model_path,
+    device=settings.device,
+    precision=settings.precision,
+    score_threshold=settings.score_threshold,
+    input_size=parse_size(settings.model_input_size) if settings.model_input_size else None,
+    classes=tuple(settings.model_classes.split(",")) if settings.model_classes else None,
+)
+
+producer = producer_config(settings, bootstrap=bootstrap, client_id="streamsight-sink")
+flow = build_flow(
+    settings,
+    source=frame_source(
+        bootstrap,
+        settings.input_topic,
+        client_config=client_config(settings, bootstrap),
+        batch_size=settings.fetch_batch_size,
+        tail=not settings.ends_at_topic_end,
+        end_offsets=demo.end_offsets if demo and settings.ends_at_topic_end else None,
+    ),
+    infer=inferencer.infer,
+    input_size=inferencer.detector.input_size,
+    results=ResultSink(
+        settings.sink,
+        producer,
+        output_topic=settings.output_topic,
+        dead_letter_topic=settings.dead_letter_topic,
+        publish=settings.publish_detections,
+        on_results=tally.results_written,
+        on_letters=tally.dead_letters_written,
+    ),
+    dead_letters=DeadLetterSink(
+        settings.sink,
+        producer,
+        topic=settings.dead_letter_topic,
+        on_letters=tally.dead_letters_written,
+    ),
+)
+
+if demo is not None:
+    demo.start()

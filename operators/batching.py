@@ -1,0 +1,148 @@
+"""Batching per stream key: flush at `max_size` frames, or when `max_delay` has passed since
+the batch's FIRST frame (a deadline, not an idle timeout), or at the end of the input.
+
+`Batcher` is the pure logic, driven by explicit clock readings; `BatchLogic` adapts it to
+Bytewax's `stateful_batch` so pending frames are part of recovery snapshots.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from bytewax.operators import StatefulBatchLogic
+
+from operators.frames import FrameBatch, PreparedFrame
+
+FLUSH_SIZE = "size"
+FLUSH_DEADLINE = "deadline"
+FLUSH_END = "end_of_input"
+FLUSH_REASONS = (FLUSH_SIZE, FLUSH_DEADLINE, FLUSH_END)
+
+
+class Batcher:
+    """Collects frames of one stream key into batches.
+
+    Times are integer nanoseconds since the epoch; `opened_ns` is when the pending batch's
+    first frame arrived.
+    """
+
+    def __init__(
+        self,
+        key_of: Callable[[PreparedFrame], str],
+        max_size: int,
+        max_delay_ns: int,
+        pending: tuple[PreparedFrame, ...] = (),
+        opened_ns: int | None = None,
+    ) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be >= 1")
+        self.key_of = key_of
+        self.max_size = max_size
+        self.max_delay_ns = max_delay_ns
+        self.pending: list[PreparedFrame] = list(pending)
+        self.opened_ns = opened_ns
+
+    @property
+    def deadline_ns(self) -> int | None:
+        """When the pending batch must be dispatched, or None if nothing is pending."""
+        if not self.pending or self.opened_ns is None:
+            return None
+        return self.opened_ns + self.max_delay_ns
+
+    def add(self, frames: Iterable[PreparedFrame], now_ns: int) -> list[FrameBatch]:
+        """Add frames; return the batches that became full (or overdue) on the way."""
+        out: list[FrameBatch] = []
+        for frame in frames:
+            if self.pending and self.deadline_ns is not None and now_ns > self.deadline_ns:
+                out.append(self._flush(FLUSH_DEADLINE, now_ns))
+            if not self.pending:
+                self.opened_ns = now_ns
+            self.pending.append(frame)
+            if len(self.pending) >= self.max_size:
+                out.append(self._flush(FLUSH_SIZE, now_ns))
+        if self.pending and self.max_delay_ns == 0:
+            out.append(self._flush(FLUSH_DEADLINE, now_ns))
+        return out
+
+    def due(self, now_ns: int) -> list[FrameBatch]:
+        """The pending batch if its deadline has passed."""
+        deadline = self.deadline_ns
+        if deadline is not None and now_ns >= deadline:
+            return [self._flush(FLUSH_DEADLINE, now_ns)]
+        return []
+
+    def drain(self, now_ns: int) -> list[FrameBatch]:
+        """Whatever is pending, flushed because the input ended."""
+        return [self._flush(FLUSH_END, now_ns)] if self.pending else []
+
+    def _flush(self, reason: str, now_ns: int) -> FrameBatch:
+        batch = FrameBatch(
+            key=self.key_of(self.pending[0]),
+            frames=tuple(self.pending),
+            flush_reason=reason,
+            opened_ns=self.opened_ns if self.opened_ns is not None else now_ns,
+            dispatched_ns=now_ns,
+            batch_id=uuid.uuid4().hex[:16],
+        )
+        self.pending = []
+        self.opened_ns = None
+        return batch
+
+
+BatchState = tuple[tuple[PreparedFrame, ...], int | None]
+
+
+class BatchLogic(StatefulBatchLogic[PreparedFrame, FrameBatch, BatchState]):
+    """Bytewax adapter around `Batcher`; the state is (pending frames, opened_ns)."""
+
+    def __init__(self, batcher: Batcher, clock: Callable[[], int] = time.time_ns) -> None:
+        self.batcher = batcher
+        self.clock = clock
+
+    def _result(self, batches: list[FrameBatch]) -> tuple[list[FrameBatch], bool]:
+        return batches, (self.DISCARD if not self.batcher.pending else self.RETAIN)
+
+    def on_batch(self, values: list[PreparedFrame]) -> tuple[Iterable[FrameBatch], bool]:
+        """New frames for this key."""
+        return self._result(self.batcher.add(values, self.clock()))
+
+    def on_notify(self) -> tuple[Iterable[FrameBatch], bool]:
+        """The deadline of the pending batch has passed."""
+        return self._result(self.batcher.due(self.clock()))
+
+    def on_eof(self) -> tuple[Iterable[FrameBatch], bool]:
+        """The input ended: flush what is pending."""
+        return self._result(self.batcher.drain(self.clock()))
+
+    def notify_at(self) -> datetime | None:
+        """Wake up at the pending batch's deadline."""
+        deadline = self.batcher.deadline_ns
+        if deadline is None:
+            return None
+        return datetime.fromtimestamp(deadline / 1e9, tz=UTC)
+
+    def snapshot(self) -> BatchState:
+        """Pending frames and when the batch opened (tuples: immutable)."""
+        return tuple(self.batcher.pending), self.batcher.opened_ns
+
+
+def stream_key(frame: PreparedFrame, by: str = "partition") -> str:
+    """The stream key a frame is batched by: its topic partition, or its camera."""
+    meta = frame.meta
+    return f"{meta.topic}/{meta.partition}" if by == "partition" else meta.camera
+
+
+def batch_logic_builder(
+    max_size: int, max_delay_s: float, key_of: Callable[[PreparedFrame], str] = stream_key
+) -> Callable[[BatchState | None], BatchLogic]:
+    """A builder for `op.stateful_batch` with the given size and delay bounds."""
+    max_delay_ns = int(max_delay_s * 1e9)
+
+    def build(resume: BatchState | None) -> BatchLogic:
+        pending, opened = resume if resume is not None else ((), None)
+        return BatchLogic(Batcher(key_of, max_size, max_delay_ns, pending, opened))
+
+    return build

@@ -1,0 +1,102 @@
+"""Dead letters: bad input turned into data, with the stage, the reason and the source.
+
+Every reason is one of `REASONS` (a bounded set, safe as a metric label); `detail` is a
+short human sentence that never holds payload bytes or secrets.
+"""
+
+from __future__ import annotations
+
+from operators import contract
+from operators.frames import DeadLetter, RawFrame
+
+EMPTY = "empty"
+TOO_LARGE = "too_large"
+BAD_HEADER = "bad_header"
+UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
+NOT_AN_IMAGE = "not_an_image"
+CORRUPT_IMAGE = "corrupt_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
+DUPLICATE_FRAME_CONFLICT = "duplicate_frame_conflict"
+KAFKA_ERROR = "kafka_error"
+INTERNAL_ERROR = "internal_error"
+
+REASONS = (
+    EMPTY,
+    TOO_LARGE,
+    BAD_HEADER,
+    UNSUPPORTED_CONTENT_TYPE,
+    NOT_AN_IMAGE,
+    CORRUPT_IMAGE,
+    TOO_MANY_PIXELS,
+    UNSUPPORTED_IMAGE_MODE,
+    DUPLICATE_FRAME_CONFLICT,
+    KAFKA_ERROR,
+    INTERNAL_ERROR,
+)
+
+MAX_DETAIL = 300
+
+
+def reject(
+    raw: RawFrame,
+    *,
+    stage: str,
+    reason: str,
+    detail: str,
+    frame_id: str | None = None,
+    job_id: str | None = None,
+    trace_carrier: dict[str, str] | None = None,
+) -> DeadLetter:
+    """Turn a raw frame that failed `stage` into a dead letter holding its original bytes."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown dead-letter reason {reason!r}")
+    return DeadLetter(
+        stage=stage,
+        reason=reason,
+        detail=detail[:MAX_DETAIL],
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        key=raw.key,
+        headers=raw.headers,
+        payload=raw.value,
+        frame_id=frame_id,
+        job_id=job_id,
+        trace_carrier=dict(trace_carrier or {}),
+    )
+
+
+def dead_letter_headers(
+    letter: DeadLetter, *, payload_omitted: str | None
+) -> list[tuple[str, bytes]]:
+    """Headers of the dead-letter message: the frame's own headers plus where and why."""
+    headers = [(n, v) for n, v in letter.headers if not n.startswith("streamsight-dlq-")]
+    headers += [
+        (contract.DLQ_STAGE, letter.stage.encode()),
+        (contract.DLQ_REASON, letter.reason.encode()),
+        (contract.DLQ_DETAIL, letter.detail.encode()),
+        (contract.DLQ_TOPIC, letter.topic.encode()),
+        (contract.DLQ_PARTITION, str(letter.partition).encode()),
+        (contract.DLQ_OFFSET, str(letter.offset).encode()),
+    ]
+    if payload_omitted:
+        headers.append((contract.DLQ_PAYLOAD_OMITTED, payload_omitted.encode()))
+    return headers
+
+
+def dead_letter_message(
+    letter: DeadLetter, *, max_payload_bytes: int
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The (key, value, headers) to publish for `letter`.
+
+    The value is the original payload; a payload larger than `max_payload_bytes` is left
+    out (the headers say so, and the source coordinates still point at it).
+    """
+    payload = letter.payload
+    omitted = None
+    if payload is not None and len(payload) > max_payload_bytes:
+        payload, omitted = None, f"payload of {len(letter.payload or b'')} bytes exceeds the limit"
+    if letter.reason == DUPLICATE_FRAME_CONFLICT and payload is None:
+        omitted = "read the original at the source coordinates"
+    return letter.key, payload, dead_letter_headers(letter, payload_omitted=omitted)

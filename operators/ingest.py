@@ -1,0 +1,111 @@
+"""Ingest: Bytewax's KafkaSource, its messages as `RawFrame`s and its errors as dead letters.
+
+`BoundedKafkaSource` stops each partition at an end offset that becomes known while the
+flow runs (the demo camera publishes concurrently and reports where it stopped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
+from bytewax.inputs import StatefulSourcePartition
+from confluent_kafka import OFFSET_BEGINNING
+
+from operators import dead_letters as dl
+from operators.frames import DeadLetter, RawFrame
+
+STAGE = "ingest"
+
+EndOffsets = Callable[[], Mapping[tuple[str, int], int] | None]
+
+
+def to_raw_frame(msg: KafkaSourceMessage) -> RawFrame:
+    """A Bytewax Kafka message as a `RawFrame` stamped with the ingest time."""
+    timestamp = msg.timestamp[1] if msg.timestamp and msg.timestamp[0] != 0 else None
+    return RawFrame(
+        topic=msg.topic or "",
+        partition=msg.partition if msg.partition is not None else -1,
+        offset=msg.offset if msg.offset is not None else -1,
+        key=msg.key,
+        value=msg.value,
+        headers=tuple((name, value or b"") for name, value in (msg.headers or ())),
+        timestamp_ms=timestamp,
+        ingest_ns=time.time_ns(),
+    )
+
+
+def error_to_dead_letter(err: KafkaError) -> DeadLetter:
+    """A consume error from the source as a dead letter (the message it came with, if any)."""
+    raw = to_raw_frame(err.msg)
+    code = err.err.name() if hasattr(err.err, "name") else "unknown"
+    return dl.reject(raw, stage=STAGE, reason=dl.KAFKA_ERROR, detail=f"consume error {code}")
+
+
+class _BoundedPartition(StatefulSourcePartition[Any, int | None]):
+    """Delegates to a Kafka partition reader; ends once it reaches its end offset."""
+
+    def __init__(
+        self, inner: StatefulSourcePartition, topic: str, partition: int, ends: EndOffsets
+    ) -> None:
+        self._inner = inner
+        self._tp = (topic, partition)
+        self._ends = ends
+
+    def next_batch(self) -> list[Any]:
+        ends = self._ends()
+        if ends is not None:
+            end = ends.get(self._tp, 0)
+            position = self._inner.snapshot()
+            if end <= 0 or (position is not None and position >= end):
+                raise StopIteration()
+        return self._inner.next_batch()
+
+    def next_awake(self) -> datetime | None:
+        return self._inner.next_awake()
+
+    def snapshot(self) -> int | None:
+        return self._inner.snapshot()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class BoundedKafkaSource(KafkaSource):
+    """A tailing KafkaSource whose partitions stop at `end_offsets()` once that is known."""
+
+    def __init__(self, brokers: list[str], topics: list[str], end_offsets: EndOffsets, **kw: Any):
+        super().__init__(brokers, topics, tail=True, **kw)
+        self._end_offsets = end_offsets
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: int | None
+    ) -> StatefulSourcePartition:
+        inner = super().build_part(step_id, for_part, resume_state)
+        idx, topic = for_part.split("-", 1)
+        return _BoundedPartition(inner, topic, int(idx), self._end_offsets)
+
+
+def frame_source(
+    bootstrap: str,
+    topic: str,
+    *,
+    client_config: dict[str, Any],
+    batch_size: int,
+    tail: bool,
+    end_offsets: EndOffsets | None = None,
+) -> KafkaSource:
+    """The Kafka source of frames: tailing, stopping at the topic end, or bounded."""
+    common: dict[str, Any] = {
+        "starting_offset": OFFSET_BEGINNING,
+        "add_config": {k: v for k, v in client_config.items() if k != "bootstrap.servers"},
+        "batch_size": batch_size,
+        "raise_on_errors": False,
+    }
+    brokers = bootstrap.split(",")
+    if end_offsets is not None:
+        return BoundedKafkaSource(brokers, [topic], end_offsets, **common)
+    return KafkaSource(brokers, [topic], tail=tail, **common)
