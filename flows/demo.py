@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.camera import publish, synthetic_frames
+from flows.camera import camera_index, publish, synthetic_frames
 from flows.embedded import EmbeddedBroker
 from flows.settings import Settings
 from operators.evaluation import EvalReport, evaluate_detections
@@ -53,11 +53,6 @@ class DemoSummary:
     def missing(self) -> int:
         """Frames sent that neither reached the sink nor became dead letters."""
         return self.sent - self.written - self.dead_letters
-
-
-def camera_index(camera: str) -> int:
-    """`cam-3` -> 3."""
-    return int(camera.rsplit("-", 1)[1])
 
 
 def summarise(
@@ -173,8 +168,8 @@ class Demo:
             self._progress.start()
         atexit.register(self.finish)
 
-    def _count_sent(self, count: int) -> None:
-        self.sent += count
+    def _count_sent(self, total: int) -> None:
+        self.sent = total
 
     def _run_camera(self) -> None:
         settings = self.settings
@@ -189,6 +184,7 @@ class Demo:
                 job_id=self.job_id,
                 fps=settings.demo_fps,
                 on_sent=self._count_sent,
+                partitions=settings.partitions,
             )
         except Exception as exc:  # reported in the summary and the exit status
             self.error = f"demo camera failed: {exc}"

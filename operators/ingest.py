@@ -19,6 +19,8 @@ from operators import dead_letters as dl
 from operators.frames import DeadLetter, RawFrame
 
 STAGE = "ingest"
+# librdkafka waits up to 500 ms for a fetch to fill by default: too long for live video.
+FETCH_WAIT_MAX_MS = 20
 
 EndOffsets = Callable[[], Mapping[tuple[str, int], int] | None]
 
@@ -99,9 +101,11 @@ def frame_source(
     end_offsets: EndOffsets | None = None,
 ) -> KafkaSource:
     """The Kafka source of frames: tailing, stopping at the topic end, or bounded."""
+    consumer = {"fetch.wait.max.ms": FETCH_WAIT_MAX_MS}
+    consumer.update({k: v for k, v in client_config.items() if k != "bootstrap.servers"})
     common: dict[str, Any] = {
         "starting_offset": OFFSET_BEGINNING,
-        "add_config": {k: v for k, v in client_config.items() if k != "bootstrap.servers"},
+        "add_config": consumer,
         "batch_size": batch_size,
         "raise_on_errors": False,
     }

@@ -1,0 +1,40 @@
+"""Filling a topic with good synthetic frames and a known set of bad ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.camera import publish, synthetic_frames
+from operators import contract
+from operators.kafka_io import CheckedProducer
+from tests.helpers import frame_headers, jpeg_bytes
+
+BAD_FRAMES: list[tuple[bytes, tuple[tuple[str, bytes], ...]]] = [
+    (b"", frame_headers(job="job-bad", seq=1)),
+    (b"definitely not an image", frame_headers(job="job-bad", seq=2)),
+    (jpeg_bytes()[:400], frame_headers(job="job-bad", seq=3)),
+    (jpeg_bytes(), frame_headers(job="job-bad", seq=4, **{contract.SEQ: b"x"})),
+    (jpeg_bytes(), frame_headers(job="job-bad", seq=5, **{contract.CONTENT_TYPE: b"text/csv"})),
+]
+
+
+def fill_topic(
+    config: dict[str, Any], topic: str, *, cameras: int, frames_per_camera: int, job_id: str
+) -> set[str]:
+    """Publish synthetic frames plus BAD_FRAMES; return the good frames' identities."""
+    producer = CheckedProducer({**config, "enable.idempotence": True, "acks": "all"})
+    try:
+        publish(
+            producer,
+            topic,
+            synthetic_frames(cameras, frames_per_camera),
+            job_id=job_id,
+            fps=0,
+            partitions=4,
+        )
+        for value, headers in BAD_FRAMES:
+            producer.produce(topic, value, key=b"cam-bad", headers=list(headers))
+        producer.flush_and_check()
+    finally:
+        producer.close()
+    return {f"{job_id}/cam-{c}/{s}" for c in range(cameras) for s in range(frames_per_camera)}

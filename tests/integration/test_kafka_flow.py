@@ -1,0 +1,141 @@
+"""The dataflow through Bytewax's real KafkaSource against a Kafka-protocol broker (the
+embedded one, or a real Kafka when STREAMSIGHT_TEST_BROKERS is set), writing to SQLite
+and to a real PostgreSQL server, and publishing detections and dead letters."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from bytewax.testing import run_main
+
+from flows.pipeline import build_flow
+from flows.settings import Settings
+from operators import contract
+from operators import dead_letters as dl
+from operators.detector import load_detector
+from operators.inference import Inferencer
+from operators.ingest import frame_source
+from operators.sinks import DeadLetterSink, ResultSink
+from operators.stores import open_store
+from tests.fixtures.kafka import read_topic
+from tests.integration.kafka_frames import BAD_FRAMES, fill_topic
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def inferencer() -> Inferencer:
+    return Inferencer.create(load_detector(), device="cpu")
+
+
+def run_flow(
+    config: dict[str, Any], topics: dict[str, str], sink_url: str, inferencer: Inferencer
+) -> None:
+    settings = Settings(batch_max_size=8, batch_max_delay_ms=20)
+    producer = {**config, "enable.idempotence": True, "acks": "all"}
+    flow = build_flow(
+        settings,
+        source=frame_source(
+            config["bootstrap.servers"],
+            topics["input"],
+            client_config=config,
+            batch_size=32,
+            tail=False,
+        ),
+        infer=inferencer.infer,
+        input_size=inferencer.detector.input_size,
+        results=ResultSink(
+            sink_url, producer, output_topic=topics["output"], dead_letter_topic=topics["dlq"]
+        ),
+        dead_letters=DeadLetterSink(sink_url, producer, topic=topics["dlq"]),
+    )
+    run_main(flow)
+
+
+@pytest.fixture
+def topics(create_topic, unique_topic) -> dict[str, str]:
+    names = {"input": unique_topic("frames"), "output": unique_topic("detections")}
+    names["dlq"] = unique_topic("dead-letters")
+    for name in names.values():
+        create_topic(name, 4)
+    return names
+
+
+def check_outputs(config: dict[str, Any], topics: dict[str, str], expected: set[str], url: str):
+    store = open_store(url)
+    try:
+        rows = store.fetch_results()
+        letters = store.fetch_dead_letters()
+    finally:
+        store.close()
+    assert Counter(r["frame_id"] for r in rows) == Counter(expected)
+    assert all(r["model_name"] and r["model_version"] for r in rows)
+    assert sum(r["detection_count"] for r in rows) > len(rows)
+    assert len(letters) == len(BAD_FRAMES)
+
+    published = read_topic(config, topics["output"], expected=len(expected))
+    assert {m.key.decode() for m in published} == expected
+    body = json.loads(published[0].value)
+    assert body["frame_id"] == published[0].key.decode()
+    assert isinstance(body["detections"], list)
+
+    dead = read_topic(config, topics["dlq"], expected=len(BAD_FRAMES))
+    assert len(dead) == len(BAD_FRAMES)
+    reasons = Counter(m.header(contract.DLQ_REASON) for m in dead)
+    assert reasons == Counter(
+        {
+            dl.EMPTY: 1,
+            dl.NOT_AN_IMAGE: 1,
+            dl.CORRUPT_IMAGE: 1,
+            dl.BAD_HEADER: 1,
+            dl.UNSUPPORTED_CONTENT_TYPE: 1,
+        }
+    )
+    by_reason = {m.header(contract.DLQ_REASON): m for m in dead}
+    assert by_reason[dl.NOT_AN_IMAGE].value == b"definitely not an image"
+    assert by_reason[dl.NOT_AN_IMAGE].header(contract.DLQ_TOPIC) == topics["input"]
+    assert by_reason[dl.NOT_AN_IMAGE].header(contract.JOB_ID) == "job-bad"
+
+
+def test_flow_through_kafka_into_sqlite(
+    kafka_config, topics, tmp_path, inferencer: Inferencer
+) -> None:
+    expected = fill_topic(
+        kafka_config, topics["input"], cameras=4, frames_per_camera=12, job_id="j1"
+    )
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    run_flow(kafka_config, topics, url, inferencer)
+    check_outputs(kafka_config, topics, expected, url)
+
+
+def test_flow_through_kafka_into_postgresql(
+    kafka_config, topics, postgres_store_url, inferencer: Inferencer
+) -> None:
+    expected = fill_topic(
+        kafka_config, topics["input"], cameras=3, frames_per_camera=10, job_id="j2"
+    )
+    run_flow(kafka_config, topics, postgres_store_url, inferencer)
+    check_outputs(kafka_config, topics, expected, postgres_store_url)
+
+
+def test_rerunning_over_the_same_topic_adds_nothing(
+    kafka_config, topics, tmp_path, inferencer: Inferencer
+) -> None:
+    expected = fill_topic(
+        kafka_config, topics["input"], cameras=2, frames_per_camera=8, job_id="j3"
+    )
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    run_flow(kafka_config, topics, url, inferencer)
+    run_flow(kafka_config, topics, url, inferencer)  # no recovery: re-reads from the start
+    store = open_store(url)
+    try:
+        assert store.count_results() == len(expected)
+        assert store.count_dead_letters() == len(BAD_FRAMES)
+    finally:
+        store.close()
+    # The sink skipped the second run's frames entirely, so nothing was published twice.
+    published = read_topic(kafka_config, topics["output"], expected=len(expected))
+    assert len(published) == len(expected)

@@ -1,0 +1,108 @@
+"""The whole dataflow on Bytewax's TestingSource/TestingSink: every good frame comes out
+once with detections, every bad one as a dead letter, and the flow never crashes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
+from bytewax.testing import TestingSink, TestingSource, run_main
+from confluent_kafka import KafkaError as ConfluentKafkaError
+
+from flows.pipeline import build_flow
+from flows.settings import Settings
+from operators import dead_letters as dl
+from operators.detector import load_detector
+from operators.frames import DeadLetter, FrameBatch, FrameResult
+from operators.inference import Inferencer
+from operators.scene import encode_jpeg, render_frame
+from tests.helpers import frame_headers
+
+
+@pytest.fixture(scope="module")
+def inferencer() -> Inferencer:
+    return Inferencer.create(load_detector(), device="cpu")
+
+
+def message(value: bytes | None, seq: int, partition: int, headers=None) -> KafkaSourceMessage:
+    return KafkaSourceMessage(
+        key=b"cam-0",
+        value=value,
+        topic="frames",
+        headers=list(frame_headers(seq=seq, camera=f"cam-{partition}"))
+        if headers is None
+        else headers,
+        offset=seq,
+        partition=partition,
+        timestamp=(1, 1_700_000_000_000),
+    )
+
+
+def scene_jpeg(camera: int, seq: int) -> bytes:
+    return encode_jpeg(render_frame(camera, seq).rgb)
+
+
+def run(settings: Settings, items: list, inferencer: Inferencer, infer=None):
+    results: list[FrameResult] = []
+    letters: list[DeadLetter] = []
+    flow = build_flow(
+        settings,
+        source=TestingSource(items),
+        infer=infer or inferencer.infer,
+        input_size=inferencer.detector.input_size,
+        results=TestingSink(results),
+        dead_letters=TestingSink(letters),
+    )
+    run_main(flow)
+    return results, letters
+
+
+def test_good_and_bad_frames_each_come_out_once(inferencer: Inferencer) -> None:
+    good = [message(scene_jpeg(p, s), s, p) for p in range(2) for s in range(7)]
+    bad = [
+        message(b"", 100, 0),
+        message(b"not a jpeg", 101, 1),
+        message(scene_jpeg(0, 1)[:300], 102, 0),
+    ]
+    error = KafkaError(
+        ConfluentKafkaError(ConfluentKafkaError._MSG_TIMED_OUT), message(None, 103, 1)
+    )
+    settings = Settings(batch_max_size=4, batch_max_delay_ms=10_000)
+    results, letters = run(settings, [*good[:5], *bad, error, *good[5:]], inferencer)
+
+    ids = Counter(r.meta.frame_id for r in results)
+    assert set(ids) == {f"job-1/cam-{p}/{s}" for p in range(2) for s in range(7)}
+    assert max(ids.values()) == 1
+    assert {(d.reason, d.offset) for d in letters} == {
+        (dl.EMPTY, 100),
+        (dl.NOT_AN_IMAGE, 101),
+        (dl.CORRUPT_IMAGE, 102),
+        (dl.KAFKA_ERROR, 103),
+    }
+    assert all(r.batch_size <= 4 for r in results)
+    # Batches are per partition and flushed by size, then by end of input.
+    reasons = Counter((r.meta.partition, r.batch_flush_reason) for r in results)
+    assert reasons == {
+        (0, "size"): 4,
+        (0, "end_of_input"): 3,
+        (1, "size"): 4,
+        (1, "end_of_input"): 3,
+    }
+    # The model finds objects on the synthetic scenes, in original image coordinates.
+    assert sum(len(r.detections) for r in results) >= len(results)
+    for r in results:
+        for d in r.detections:
+            x1, y1, x2, y2 = d.box
+            assert 0 <= x1 < x2 <= r.meta.width and 0 <= y1 < y2 <= r.meta.height
+
+
+def test_a_failing_model_turns_its_batch_into_dead_letters(inferencer: Inferencer) -> None:
+    def broken(batch: FrameBatch) -> list[FrameResult]:
+        raise RuntimeError("CUDA out of memory")
+
+    items = [message(scene_jpeg(0, s), s, 0) for s in range(3)]
+    results, letters = run(Settings(batch_max_size=8), items, inferencer, infer=broken)
+    assert results == []
+    assert sorted(d.offset for d in letters) == [0, 1, 2]
+    assert {(d.stage, d.reason) for d in letters} == {("infer", dl.INTERNAL_ERROR)}
