@@ -1,0 +1,119 @@
+"""Stage ceilings: `python -m flows.benchmark [--device auto] [--batch-sizes 1,8,16,32]`.
+
+Measures, on frames already in memory (no Kafka, no Bytewax): JPEG decode + resize per
+frame, the model alone per batch size, and decode + model together; prints a table and
+optionally writes JSON. These are the ceilings the pipeline's throughput is compared to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from flows.camera import synthetic_frames
+from operators.decode import FrameLimits, decode_pixels
+from operators.detector import load_detector
+from operators.inference import Inferencer
+
+
+def timed(work: Callable[[], object], *, min_seconds: float, device: torch.device) -> float:
+    """Mean seconds per call of `work`, after a warm-up, over at least `min_seconds`."""
+    for _ in range(3):
+        work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    calls, started = 0, time.perf_counter()
+    while True:
+        work()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds and calls >= 5:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - started) / calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the measurements and print them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-sizes", default="1,4,8,16,32,64")
+    parser.add_argument("--frames", type=int, default=256, help="distinct frames in memory")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    detector = load_detector()
+    inferencer = Inferencer.create(detector, device=args.device, precision=args.precision)
+    device = inferencer.device
+    jpegs = [f.jpeg for tick in synthetic_frames(4, args.frames // 4) for f in tick]
+    limits = FrameLimits(64 * 1024 * 1024, 100_000_000, detector.input_size)
+    pixels = np.stack([decode_pixels(j, limits)[0] for j in jpegs])
+
+    state = {"i": 0}
+
+    def decode_one() -> None:
+        decode_pixels(jpegs[state["i"] % len(jpegs)], limits)
+        state["i"] += 1
+
+    decode_s = timed(decode_one, min_seconds=args.seconds, device=torch.device("cpu"))
+    rows = []
+    for size in (int(s) for s in args.batch_sizes.split(",")):
+        batch = (
+            pixels[:size] if size <= len(pixels) else np.resize(pixels, (size, *pixels.shape[1:]))
+        )
+        model_s = timed(
+            lambda b=batch: inferencer.forward(b), min_seconds=args.seconds, device=device
+        )
+        per_frame = model_s / size
+        rows.append(
+            {
+                "batch_size": size,
+                "model_ms_per_batch": model_s * 1e3,
+                "model_frames_per_s": size / model_s,
+                "decode_plus_model_frames_per_s": 1.0 / (per_frame + decode_s),
+            }
+        )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    report = {
+        "device": str(device),
+        "device_name": name or platform.machine(),
+        "precision": str(inferencer.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "model": f"{detector.name} {detector.version}",
+        "input_size": list(detector.input_size),
+        "decode_ms_per_frame": decode_s * 1e3,
+        "decode_frames_per_s": 1.0 / decode_s,
+        "batches": rows,
+    }
+    table = Table(
+        title=f"{report['model']} on {report['device']} ({report['device_name']}, "
+        f"{report['precision']}); decode+resize {decode_s * 1e3:.2f} ms/frame"
+    )
+    for column in ("batch", "model ms/batch", "model frames/s", "decode+model frames/s"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["batch_size"]),
+            f"{row['model_ms_per_batch']:.2f}",
+            f"{row['model_frames_per_s']:.0f}",
+            f"{row['decode_plus_model_frames_per_s']:.0f}",
+        )
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
