@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier as BarrierType
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -50,17 +51,24 @@ def write_range(
     indices: list[int],
     batch: int,
     start: BarrierType,
-    outcomes: Queue[list[tuple[int, int]]],
+    reports: Queue[tuple[str, object]],
 ) -> None:
-    """Write results for `indices` in batches from a fresh store (runs in a subprocess)."""
-    written = []
-    with PostgresStore(url) as own:
-        start.wait(timeout=60)
-        for begin in range(0, len(indices), batch):
-            chunk = [make_result(i) for i in indices[begin : begin + batch]]
-            outcome = own.write_results(chunk, WRITTEN_NS)
-            written.append((outcome.inserted, outcome.duplicates))
-    outcomes.put(written)
+    """Write results for `indices` in batches from a fresh store (runs in a subprocess),
+    meeting the other writer at `start` before each batch; report
+    `("ok", [(inserted, duplicates), ...])` or `("error", message)`."""
+    try:
+        written = []
+        with PostgresStore(url) as own:
+            for begin in range(0, len(indices), batch):
+                chunk = [make_result(i) for i in indices[begin : begin + batch]]
+                start.wait(timeout=60)
+                outcome = own.write_results(chunk, WRITTEN_NS)
+                written.append((outcome.inserted, outcome.duplicates))
+        reports.put(("ok", written))
+    except BaseException as exc:
+        start.abort()
+        reports.put(("error", f"{type(exc).__name__}: {exc}"))
+        raise
 
 
 def test_write_and_rewrite_counts_duplicates(store: DetectionStore) -> None:
@@ -203,14 +211,18 @@ def test_nul_characters_do_not_break_a_write(store: DetectionStore) -> None:
     assert store.write_results([result], WRITTEN_NS) == WriteOutcome(1, 0)
     assert store.fetch_dead_letters()[0]["detail"] == "bad header \ufffd value"
     assert store.fetch_results()[0]["detections"][0]["label"] == "a\ufffdb"
+    odd = make_result(1, camera="cam\x001")
+    assert store.write_results([odd], WRITTEN_NS) == WriteOutcome(1, 0)
+    assert store.stored_hashes([odd.meta.frame_id]) == {odd.meta.frame_id: odd.meta.content_sha256}
+    assert store.write_results([odd], WRITTEN_NS) == WriteOutcome(0, 1)
 
 
 def test_two_processes_writing_overlapping_frames_store_each_once(
     postgres_store_url: str,
 ) -> None:
-    frames, batch = 900, 150
-    # Both start on the shared frames 300-599, batch for batch, in opposite orders within
-    # each batch: the pattern that deadlocks writers that do not order their rows.
+    frames, batch = 900, 50
+    # Both start on the shared frames 300-599, batch for batch and in step, in opposite
+    # orders within each batch: the pattern that deadlocks writers that do not order rows.
     first = list(range(300, 600)) + list(range(0, 300))
     second = [i for k in range(300, 600, batch) for i in reversed(range(k, k + batch))]
     second += list(range(600, frames))
@@ -218,18 +230,20 @@ def test_two_processes_writing_overlapping_frames_store_each_once(
 
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(2)
-    queue: Queue[list[tuple[int, int]]] = context.Queue()
+    queue: Queue[tuple[str, object]] = context.Queue()
     workers = [
         context.Process(target=write_range, args=(postgres_store_url, order, batch, start, queue))
         for order in (first, second)
     ]
     for worker in workers:
         worker.start()
-    outcomes = [pair for _ in workers for pair in queue.get(timeout=180)]
+    reports = [queue.get(timeout=120) for _ in workers]
     for worker in workers:
         worker.join(timeout=60)
 
+    assert [message for kind, message in reports if kind == "error"] == []
     assert [worker.exitcode for worker in workers] == [0, 0]
+    outcomes = [pair for _, written in reports for pair in written]  # type: ignore[attr-defined]
     assert sum(inserted for inserted, _ in outcomes) == frames
     assert sum(duplicates for _, duplicates in outcomes) == 300
     with psycopg.connect(postgres_store_url) as conn:
@@ -269,11 +283,11 @@ def test_store_reconnects_after_its_connection_is_killed(
     store: DetectionStore, postgres_store_url: str
 ) -> None:
     store.write_results([make_result(0)], WRITTEN_NS)
-    database = postgres_store_url.rsplit("/", 1)[1]
+    database = urlsplit(postgres_store_url).path.lstrip("/")
     with psycopg.connect(postgres_store_url, autocommit=True) as admin:
         killed = admin.execute(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = %s AND application_name = 'streamsight-sink'",
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
             (database,),
         ).fetchone()
 
@@ -286,8 +300,8 @@ def test_store_reconnects_after_its_connection_is_killed(
 
 def test_connection_error_to_real_server_hides_password(postgres_url: str) -> None:
     secret = "PlantedSecret-Zq81x"
-    parts = postgres_url.split("://", 1)[1].rsplit("/", 1)[0].split("@")[-1]
-    url = f"postgresql://no_such_role:{secret}@{parts}/no_such_database_x?password={secret}"
+    server = urlsplit(postgres_url).netloc.rpartition("@")[2]
+    url = f"postgresql://no_such_role:{secret}@{server}/no_such_database_x?password={secret}"
 
     with pytest.raises(StoreConnectionError) as info:
         open_store(url)

@@ -1,0 +1,833 @@
+"""The database layer of the idempotent sink: SQLite or PostgreSQL.
+
+`open_store(url)` takes `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` or
+`postgresql://user:password@host:port/dbname` (also `postgres://`) and returns a
+`DetectionStore`. The tables are created when a store is opened, if they do not exist.
+
+Frames are keyed by `frame_id` (see `FrameMeta`), dead letters by the Kafka coordinates of
+the message and the stage that rejected it, so writing the same result or dead letter
+again - after a restart or a replay - changes nothing and is counted as a duplicate.
+
+Schema (PostgreSQL; SQLite has the same columns with INTEGER/TEXT types and the
+detections as JSON text)::
+
+    CREATE TABLE IF NOT EXISTS detections (
+        frame_id text PRIMARY KEY,
+        job_id text NOT NULL,
+        camera text NOT NULL,
+        seq bigint,
+        source_topic text NOT NULL,
+        source_partition integer NOT NULL,
+        source_offset bigint NOT NULL,
+        capture_ns bigint NOT NULL,
+        ingest_ns bigint NOT NULL,
+        inferred_ns bigint NOT NULL,
+        written_ns bigint NOT NULL,
+        content_sha256 text NOT NULL,
+        width integer NOT NULL,
+        height integer NOT NULL,
+        model_name text NOT NULL,
+        model_version text NOT NULL,
+        device text NOT NULL,
+        batch_size integer NOT NULL,
+        detection_count integer NOT NULL,
+        detections jsonb NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS detections_job_id ON detections (job_id);
+    CREATE TABLE IF NOT EXISTS dead_letters (
+        source_topic text NOT NULL,
+        source_partition integer NOT NULL,
+        source_offset bigint NOT NULL,
+        stage text NOT NULL,
+        reason text NOT NULL,
+        detail text NOT NULL,
+        frame_id text,
+        job_id text,
+        payload_bytes bigint,
+        payload_sha256 text,
+        written_ns bigint NOT NULL,
+        PRIMARY KEY (source_topic, source_partition, source_offset, stage)
+    );
+
+`detections` holds one row per processed frame, also when nothing was detected; its
+`detections` column is a list of `{"box": [x1, y1, x2, y2], "label": ..., "score": ...}`
+(box in original image pixels; a non-finite number is stored as null). `seq` is null when
+the producer sent no sequence number. The `*_ns` columns are Unix epoch nanoseconds.
+`dead_letters` never holds the payload itself: only its length and SHA-256 (both null
+when the message had no value); `detail` is cut to 2000 characters.
+
+SQLite runs in WAL mode with `synchronous=NORMAL` and a busy timeout; every write is one
+`BEGIN IMMEDIATE` transaction, so several threads or processes can open and write the same
+file at once, each with its own store. PostgreSQL uses psycopg 3 with one connection per
+store; rows are written in `frame_id` order (so concurrent writers of overlapping frames
+cannot deadlock), and a dropped connection is reopened and the write retried once.
+
+A store object is used by one thread at a time. Connection errors raise
+`StoreConnectionError`, whose message shows the URL with its password masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import psycopg
+import psycopg.errors
+from psycopg import sql
+
+from operators.frames import DeadLetter, Detection, FrameResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DETAIL_MAX_CHARS = 2000
+SQLITE_BUSY_TIMEOUT_S = 30.0
+POSTGRES_CONNECT_TIMEOUT_S = 10
+POSTGRES_ROWS_PER_STATEMENT = 1000
+APPLICATION_NAME = "streamsight-sink"
+MASK = "***"
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "frame_id",
+    "job_id",
+    "camera",
+    "seq",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "capture_ns",
+    "ingest_ns",
+    "inferred_ns",
+    "written_ns",
+    "content_sha256",
+    "width",
+    "height",
+    "model_name",
+    "model_version",
+    "device",
+    "batch_size",
+    "detection_count",
+    "detections",
+)
+
+DEAD_LETTER_COLUMNS: tuple[str, ...] = (
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "stage",
+    "reason",
+    "detail",
+    "frame_id",
+    "job_id",
+    "payload_bytes",
+    "payload_sha256",
+    "written_ns",
+)
+
+DEAD_LETTER_KEY: tuple[str, ...] = ("source_topic", "source_partition", "source_offset", "stage")
+
+POSTGRES_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS detections (
+        frame_id text PRIMARY KEY,
+        job_id text NOT NULL,
+        camera text NOT NULL,
+        seq bigint,
+        source_topic text NOT NULL,
+        source_partition integer NOT NULL,
+        source_offset bigint NOT NULL,
+        capture_ns bigint NOT NULL,
+        ingest_ns bigint NOT NULL,
+        inferred_ns bigint NOT NULL,
+        written_ns bigint NOT NULL,
+        content_sha256 text NOT NULL,
+        width integer NOT NULL,
+        height integer NOT NULL,
+        model_name text NOT NULL,
+        model_version text NOT NULL,
+        device text NOT NULL,
+        batch_size integer NOT NULL,
+        detection_count integer NOT NULL,
+        detections jsonb NOT NULL
+    );""",
+    "CREATE INDEX IF NOT EXISTS detections_job_id ON detections (job_id);",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        source_topic text NOT NULL,
+        source_partition integer NOT NULL,
+        source_offset bigint NOT NULL,
+        stage text NOT NULL,
+        reason text NOT NULL,
+        detail text NOT NULL,
+        frame_id text,
+        job_id text,
+        payload_bytes bigint,
+        payload_sha256 text,
+        written_ns bigint NOT NULL,
+        PRIMARY KEY (source_topic, source_partition, source_offset, stage)
+    );""",
+)
+
+SQLITE_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS detections (
+        frame_id TEXT PRIMARY KEY NOT NULL,
+        job_id TEXT NOT NULL,
+        camera TEXT NOT NULL,
+        seq INTEGER,
+        source_topic TEXT NOT NULL,
+        source_partition INTEGER NOT NULL,
+        source_offset INTEGER NOT NULL,
+        capture_ns INTEGER NOT NULL,
+        ingest_ns INTEGER NOT NULL,
+        inferred_ns INTEGER NOT NULL,
+        written_ns INTEGER NOT NULL,
+        content_sha256 TEXT NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        model_name TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        device TEXT NOT NULL,
+        batch_size INTEGER NOT NULL,
+        detection_count INTEGER NOT NULL,
+        detections TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS detections_job_id ON detections (job_id)",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        source_topic TEXT NOT NULL,
+        source_partition INTEGER NOT NULL,
+        source_offset INTEGER NOT NULL,
+        stage TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        frame_id TEXT,
+        job_id TEXT,
+        payload_bytes INTEGER,
+        payload_sha256 TEXT,
+        written_ns INTEGER NOT NULL,
+        PRIMARY KEY (source_topic, source_partition, source_offset, stage)
+    )""",
+)
+
+# Serialises schema creation between processes opening a fresh PostgreSQL database at once.
+_SCHEMA_LOCK_ID = 0x5354_5245_414D
+
+
+class StoreError(RuntimeError):
+    """The database could not complete an operation (message free of secrets)."""
+
+
+class StoreConnectionError(StoreError):
+    """The database could not be reached or opened (message free of secrets)."""
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """Rows written by one call: `inserted` new ones, `duplicates` already stored."""
+
+    inserted: int
+    duplicates: int
+
+
+class DetectionStore(Protocol):
+    """Where the sink writes per-frame results and dead letters, idempotently."""
+
+    def stored_hashes(self, frame_ids: Sequence[str]) -> dict[str, str]:
+        """Map each of `frame_ids` already stored to its stored `content_sha256`."""
+        ...
+
+    def write_results(self, results: Sequence[FrameResult], written_ns: int) -> WriteOutcome:
+        """Insert one row per result in one transaction; existing frame_ids are skipped."""
+        ...
+
+    def write_dead_letters(self, letters: Sequence[DeadLetter], written_ns: int) -> WriteOutcome:
+        """Insert dead letters in one transaction; existing (topic, partition, offset,
+        stage) keys are skipped."""
+        ...
+
+    def count_results(self) -> int:
+        """Number of rows in `detections`."""
+        ...
+
+    def count_dead_letters(self) -> int:
+        """Number of rows in `dead_letters`."""
+        ...
+
+    def fetch_results(self) -> list[dict[str, Any]]:
+        """Every `detections` row as a dict, detections parsed, ordered by frame_id."""
+        ...
+
+    def fetch_dead_letters(self) -> list[dict[str, Any]]:
+        """Every `dead_letters` row as a dict, ordered by its key."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection; further calls are errors."""
+        ...
+
+
+def open_store(url: str) -> DetectionStore:
+    """Open (and create the tables of) the store at `url`: `sqlite:///PATH` or
+    `postgresql://...` / `postgres://...`."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        return SQLiteStore(sqlite_path(url))
+    if scheme in ("postgresql", "postgres"):
+        return PostgresStore(url)
+    raise ValueError(f"unsupported store URL {redact_url(url)!r}: use sqlite:/// or postgresql://")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a `sqlite:///relative` or `sqlite:////absolute` URL."""
+    if not url.lower().startswith("sqlite://"):
+        raise ValueError(f"not a sqlite URL: {url!r}")
+    path = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url[9:]
+    if not path:
+        raise ValueError(f"sqlite URL without a path: {url!r}")
+    return Path(path)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password (user info or `password=` query parameter) masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"{url.split(':', 1)[0]}://{MASK}"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        if ":" in userinfo:
+            userinfo = f"{userinfo.split(':', 1)[0]}:{MASK}"
+        netloc = f"{userinfo}@{hostinfo}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(key, MASK if key.lower() == "password" else value) for key, value in pairs],
+            safe="*",
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _url_passwords(url: str) -> list[str]:
+    """The passwords written in `url`, raw and percent-decoded."""
+    found: list[str] = []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return found
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key.lower() == "password":
+            found.append(value)
+    for value in list(found):
+        found.append(unquote(value))
+    return sorted({value for value in found if value}, key=len, reverse=True)
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` with the URL's passwords masked."""
+    for secret in _url_passwords(url):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _finite(value: float) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def detection_to_json(detection: Detection) -> dict[str, Any]:
+    """One detection as `{"box": [x1, y1, x2, y2], "label": str, "score": float}`."""
+    return {
+        "box": [_finite(v) for v in detection.box],
+        "label": str(detection.label),
+        "score": _finite(detection.score),
+    }
+
+
+def result_to_json(result: FrameResult) -> dict[str, Any]:
+    """A result as the JSON-able row of `detections` (every column but `written_ns`);
+    also the value published on the detections topic."""
+    meta = result.meta
+    return {
+        "frame_id": meta.frame_id,
+        "job_id": meta.job_id,
+        "camera": meta.camera,
+        "seq": None if meta.seq is None else int(meta.seq),
+        "source_topic": meta.topic,
+        "source_partition": int(meta.partition),
+        "source_offset": int(meta.offset),
+        "capture_ns": int(meta.capture_ns),
+        "ingest_ns": int(meta.ingest_ns),
+        "inferred_ns": int(result.inferred_ns),
+        "content_sha256": meta.content_sha256,
+        "width": int(meta.width),
+        "height": int(meta.height),
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "device": result.device,
+        "batch_size": int(result.batch_size),
+        "detection_count": len(result.detections),
+        "detections": [detection_to_json(d) for d in result.detections],
+    }
+
+
+def detections_from_json(value: str | bytes | Sequence[Any]) -> tuple[Detection, ...]:
+    """Detections back from their JSON text or parsed list (null numbers become NaN)."""
+    items = json.loads(value) if isinstance(value, str | bytes) else value
+
+    def number(raw: Any) -> float:
+        return math.nan if raw is None else float(raw)
+
+    detections = []
+    for item in items:
+        x1, y1, x2, y2 = (number(v) for v in item["box"])
+        detections.append(
+            Detection(box=(x1, y1, x2, y2), label=str(item["label"]), score=number(item["score"]))
+        )
+    return tuple(detections)
+
+
+def dead_letter_row(letter: DeadLetter, written_ns: int) -> dict[str, Any]:
+    """A dead letter as its `dead_letters` row: payload reduced to length and SHA-256."""
+    payload = letter.payload
+    return {
+        "source_topic": letter.topic,
+        "source_partition": int(letter.partition),
+        "source_offset": int(letter.offset),
+        "stage": letter.stage,
+        "reason": letter.reason,
+        "detail": letter.detail[:DETAIL_MAX_CHARS],
+        "frame_id": letter.frame_id,
+        "job_id": letter.job_id,
+        "payload_bytes": None if payload is None else len(payload),
+        "payload_sha256": None if payload is None else hashlib.sha256(payload).hexdigest(),
+        "written_ns": int(written_ns),
+    }
+
+
+def _result_rows(results: Sequence[FrameResult], written_ns: int) -> list[dict[str, Any]]:
+    """Rows of `detections` in frame_id order."""
+    rows = []
+    for result in results:
+        row = result_to_json(result)
+        row["written_ns"] = int(written_ns)
+        rows.append(row)
+    rows.sort(key=lambda row: row["frame_id"])
+    return rows
+
+
+def _dead_letter_rows(letters: Sequence[DeadLetter], written_ns: int) -> list[dict[str, Any]]:
+    """Rows of `dead_letters` in key order."""
+    rows = [dead_letter_row(letter, written_ns) for letter in letters]
+    rows.sort(key=lambda row: tuple(row[column] for column in DEAD_LETTER_KEY))
+    return rows
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SQLiteStore:
+    """A store in one SQLite file (WAL mode), safe to share between processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        """Open `path` (creating it and its parent directories) and create the tables."""
+        self.path = Path(path)
+        in_memory = str(path) == ":memory:"
+        if not in_memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                str(path),
+                timeout=SQLITE_BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreConnectionError(f"cannot open SQLite store {str(path)!r}: {exc}") from exc
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            if not in_memory:
+                self._retry_locked(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._retry_locked(
+                lambda: self._transaction(lambda conn: [conn.execute(ddl) for ddl in SQLITE_SCHEMA])
+            )
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StoreConnectionError(f"cannot open SQLite store {str(path)!r}: {exc}") from exc
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _retry_locked(step: Callable[[], T]) -> T:
+        """Run `step`, repeating it while SQLite reports the file locked without waiting
+        (switching a new file to WAL while other connections open it does that)."""
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+        delay = 0.005
+        while True:
+            try:
+                return step()
+            except sqlite3.OperationalError as exc:
+                locked = "locked" in str(exc) or "busy" in str(exc)
+                if not locked or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction (taking the write lock up front)."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcome = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcome
+
+    def _insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert `rows` skipping primary-key conflicts; returns how many were new."""
+        statement = (
+            f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT DO NOTHING"
+        )
+
+        def work(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(statement, rows)
+            return conn.total_changes - before
+
+        return self._retry_locked(lambda: self._transaction(work))
+
+    def stored_hashes(self, frame_ids: Sequence[str]) -> dict[str, str]:
+        """Map each of `frame_ids` already stored to its stored `content_sha256`."""
+        found: dict[str, str] = {}
+        unique = sorted(set(frame_ids))
+        for chunk in _chunks(unique, 500):
+            marks = ", ".join("?" for _ in chunk)
+            cursor = self._conn.execute(
+                f"SELECT frame_id, content_sha256 FROM detections WHERE frame_id IN ({marks})",
+                list(chunk),
+            )
+            found.update(cursor.fetchall())
+        return found
+
+    def write_results(self, results: Sequence[FrameResult], written_ns: int) -> WriteOutcome:
+        """Insert one row per result in one transaction; existing frame_ids are skipped."""
+        if not results:
+            return WriteOutcome(0, 0)
+        rows = [
+            tuple(_dumps(row[c]) if c == "detections" else row[c] for c in RESULT_COLUMNS)
+            for row in _result_rows(results, written_ns)
+        ]
+        inserted = self._insert("detections", RESULT_COLUMNS, rows)
+        return WriteOutcome(inserted, len(rows) - inserted)
+
+    def write_dead_letters(self, letters: Sequence[DeadLetter], written_ns: int) -> WriteOutcome:
+        """Insert dead letters in one transaction; existing keys are skipped."""
+        if not letters:
+            return WriteOutcome(0, 0)
+        rows = [
+            tuple(row[c] for c in DEAD_LETTER_COLUMNS)
+            for row in _dead_letter_rows(letters, written_ns)
+        ]
+        inserted = self._insert("dead_letters", DEAD_LETTER_COLUMNS, rows)
+        return WriteOutcome(inserted, len(rows) - inserted)
+
+    def _count(self, table: str) -> int:
+        return int(self._conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    def count_results(self) -> int:
+        """Number of rows in `detections`."""
+        return self._count("detections")
+
+    def count_dead_letters(self) -> int:
+        """Number of rows in `dead_letters`."""
+        return self._count("dead_letters")
+
+    def _fetch(self, table: str, columns: Sequence[str], order: str) -> list[dict[str, Any]]:
+        cursor = self._conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}")
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def fetch_results(self) -> list[dict[str, Any]]:
+        """Every `detections` row as a dict, detections parsed, ordered by frame_id."""
+        rows = self._fetch("detections", RESULT_COLUMNS, "frame_id")
+        for row in rows:
+            row["detections"] = json.loads(row["detections"])
+        return rows
+
+    def fetch_dead_letters(self) -> list[dict[str, Any]]:
+        """Every `dead_letters` row as a dict, ordered by its key."""
+        return self._fetch("dead_letters", DEAD_LETTER_COLUMNS, ", ".join(DEAD_LETTER_KEY))
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._conn.close()
+
+
+def _pg_clean(value: Any) -> Any:
+    """`value` with NUL characters replaced: PostgreSQL text and jsonb reject them."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_pg_clean(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _pg_clean(item) for key, item in value.items()}
+    return value
+
+
+class PostgresStore:
+    """A store in a PostgreSQL database, one psycopg connection per store."""
+
+    _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+    def __init__(self, url: str) -> None:
+        """Connect to `url` and create the tables; raises `StoreConnectionError`."""
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+        self._closed = False
+        try:
+            self._run(self._create_schema)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        """The store's URL with its password masked."""
+        return redact_url(self._url)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        """The open connection, (re)connecting when there is none or it broke."""
+        if self._closed:
+            raise StoreError(f"store {self.url} is closed")
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        try:
+            options: dict[str, Any] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+            if "application_name=" not in self._url:
+                options["application_name"] = APPLICATION_NAME
+            self._conn = psycopg.connect(self._url, autocommit=False, **options)
+        except psycopg.Error as exc:
+            message = _scrub(str(exc).strip(), self._url)
+            raise StoreConnectionError(
+                f"cannot connect to PostgreSQL at {self.url}: {type(exc).__name__}: {message}"
+            ) from None
+        return self._conn
+
+    def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run `work` in one transaction and commit it. A broken connection is reopened
+        and a deadlock retried; every write is idempotent, so repeating it is safe."""
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            conn = self._connect()
+            try:
+                outcome = work(conn)
+                conn.commit()
+                return outcome
+            except self._RETRYABLE as exc:
+                self._rollback(conn)
+                if attempt == attempts:
+                    raise StoreError(self._describe(exc)) from None
+                log.warning("retrying a store transaction after %s", type(exc).__name__)
+                time.sleep(0.05 * attempt)
+            except psycopg.OperationalError as exc:
+                self._rollback(conn)
+                if not (conn.closed or conn.broken) or attempt >= 2:
+                    raise StoreError(self._describe(exc)) from None
+                log.warning("PostgreSQL connection lost (%s); reconnecting", type(exc).__name__)
+            except BaseException:
+                self._rollback(conn)
+                raise
+        raise AssertionError("unreachable")
+
+    def _describe(self, exc: BaseException) -> str:
+        sqlstate = getattr(exc, "sqlstate", None)
+        state = f" [{sqlstate}]" if sqlstate else ""
+        message = _scrub(str(exc).strip(), self._url)
+        return f"PostgreSQL at {self.url}: {type(exc).__name__}{state}: {message}"
+
+    @staticmethod
+    def _rollback(conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.broken:
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            log.debug("rollback failed", exc_info=True)
+
+    @staticmethod
+    def _create_schema(conn: psycopg.Connection[Any]) -> None:
+        """Create the missing tables; with all present, needs no CREATE privilege."""
+        present = conn.execute(
+            "SELECT to_regclass('detections') IS NOT NULL"
+            " AND to_regclass('detections_job_id') IS NOT NULL"
+            " AND to_regclass('dead_letters') IS NOT NULL"
+        ).fetchone()
+        if present and present[0]:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
+        for ddl in POSTGRES_SCHEMA:
+            conn.execute(ddl)
+
+    @staticmethod
+    def _insert(
+        conn: psycopg.Connection[Any],
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        returning: Sequence[str],
+        jsonb_column: str | None = None,
+    ) -> int:
+        """Insert `rows` in multi-row statements skipping key conflicts; returns how many
+        were new (counted by RETURNING)."""
+        placeholder = sql.SQL("({})").format(
+            sql.SQL(", ").join(
+                sql.SQL("%s::jsonb") if column == jsonb_column else sql.SQL("%s")
+                for column in columns
+            )
+        )
+        inserted = 0
+        for chunk in _chunks(rows, POSTGRES_ROWS_PER_STATEMENT):
+            statement = sql.SQL(
+                "INSERT INTO {table} ({columns}) VALUES {values} "
+                "ON CONFLICT DO NOTHING RETURNING {returning}"
+            ).format(
+                table=sql.Identifier(table),
+                columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+                values=sql.SQL(", ").join([placeholder] * len(chunk)),
+                returning=sql.SQL(", ").join(map(sql.Identifier, returning)),
+            )
+            params = [value for row in chunk for value in row]
+            cursor = conn.execute(statement, params)
+            inserted += len(cursor.fetchall())
+        return inserted
+
+    def stored_hashes(self, frame_ids: Sequence[str]) -> dict[str, str]:
+        """Map each of `frame_ids` already stored to its stored `content_sha256`."""
+        originals = {_pg_clean(frame_id): frame_id for frame_id in frame_ids}
+        if not originals:
+            return {}
+
+        def work(conn: psycopg.Connection[Any]) -> dict[str, str]:
+            cursor = conn.execute(
+                "SELECT frame_id, content_sha256 FROM detections WHERE frame_id = ANY(%s)",
+                (sorted(originals),),
+            )
+            return {originals[frame_id]: sha for frame_id, sha in cursor.fetchall()}
+
+        return self._run(work)
+
+    def write_results(self, results: Sequence[FrameResult], written_ns: int) -> WriteOutcome:
+        """Insert one row per result in one transaction; existing frame_ids are skipped."""
+        if not results:
+            return WriteOutcome(0, 0)
+        rows = []
+        for row in _result_rows(results, written_ns):
+            clean = _pg_clean(row)
+            clean["detections"] = _dumps(clean["detections"])
+            rows.append(tuple(clean[c] for c in RESULT_COLUMNS))
+
+        inserted = self._run(
+            lambda conn: self._insert(
+                conn, "detections", RESULT_COLUMNS, rows, ("frame_id",), "detections"
+            )
+        )
+        return WriteOutcome(inserted, len(rows) - inserted)
+
+    def write_dead_letters(self, letters: Sequence[DeadLetter], written_ns: int) -> WriteOutcome:
+        """Insert dead letters in one transaction; existing keys are skipped."""
+        if not letters:
+            return WriteOutcome(0, 0)
+        rows = [
+            tuple(_pg_clean(row[c]) for c in DEAD_LETTER_COLUMNS)
+            for row in _dead_letter_rows(letters, written_ns)
+        ]
+        inserted = self._run(
+            lambda conn: self._insert(
+                conn, "dead_letters", DEAD_LETTER_COLUMNS, rows, ("source_offset",)
+            )
+        )
+        return WriteOutcome(inserted, len(rows) - inserted)
+
+    def _count(self, table: str) -> int:
+        def work(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return self._run(work)
+
+    def count_results(self) -> int:
+        """Number of rows in `detections`."""
+        return self._count("detections")
+
+    def count_dead_letters(self) -> int:
+        """Number of rows in `dead_letters`."""
+        return self._count("dead_letters")
+
+    def _fetch(self, table: str, columns: Sequence[str], order: str) -> list[dict[str, Any]]:
+        statement = sql.SQL("SELECT {columns} FROM {table} ORDER BY {order}").format(
+            columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            table=sql.Identifier(table),
+            order=sql.SQL(order),
+        )
+
+        def work(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+            rows = conn.execute(statement).fetchall()
+            return [dict(zip(columns, row, strict=True)) for row in rows]
+
+        return self._run(work)
+
+    def fetch_results(self) -> list[dict[str, Any]]:
+        """Every `detections` row as a dict, detections parsed, ordered by frame_id."""
+        return self._fetch("detections", RESULT_COLUMNS, 'frame_id COLLATE "C"')
+
+    def fetch_dead_letters(self) -> list[dict[str, Any]]:
+        """Every `dead_letters` row as a dict, ordered by its key."""
+        return self._fetch(
+            "dead_letters",
+            DEAD_LETTER_COLUMNS,
+            'source_topic COLLATE "C", source_partition, source_offset, stage COLLATE "C"',
+        )
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._closed = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
