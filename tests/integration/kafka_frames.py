@@ -18,10 +18,16 @@ BAD_FRAMES: list[tuple[bytes, tuple[tuple[str, bytes], ...]]] = [
 ]
 
 
+# Besides BAD_FRAMES, fill_topic re-sends frame cam-0/0 twice: once with the same bytes (a
+# duplicate, skipped) and once with other bytes (a conflict, dead-lettered).
+DEAD_LETTERS = len(BAD_FRAMES) + 1
+
+
 def fill_topic(
     config: dict[str, Any], topic: str, *, cameras: int, frames_per_camera: int, job_id: str
 ) -> set[str]:
-    """Publish synthetic frames plus BAD_FRAMES; return the good frames' identities."""
+    """Publish synthetic frames, BAD_FRAMES and two repeats of cam-0/0; return the good
+    frames' identities."""
     producer = CheckedProducer({**config, "enable.idempotence": True, "acks": "all"})
     try:
         publish(
@@ -34,6 +40,13 @@ def fill_topic(
         )
         for value, headers in BAD_FRAMES:
             producer.produce(topic, value, key=b"cam-bad", headers=list(headers))
+        first = next(iter(synthetic_frames(1, 1)))[0]
+        other = next(iter(synthetic_frames(2, 1)))[1]
+        for jpeg in (first.jpeg, other.jpeg):
+            headers = contract.frame_headers(
+                job_id=job_id, camera="cam-0", seq=0, capture_time_ms=first.capture_time_ms
+            )
+            producer.produce(topic, jpeg, key=b"cam-0", headers=headers, partition=0)
         producer.flush_and_check()
     finally:
         producer.close()

@@ -21,7 +21,7 @@ from operators.ingest import frame_source
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import open_store
 from tests.fixtures.kafka import read_topic
-from tests.integration.kafka_frames import BAD_FRAMES, fill_topic
+from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def check_outputs(config: dict[str, Any], topics: dict[str, str], expected: set[
     assert Counter(r["frame_id"] for r in rows) == Counter(expected)
     assert all(r["model_name"] and r["model_version"] for r in rows)
     assert sum(r["detection_count"] for r in rows) > len(rows)
-    assert len(letters) == len(BAD_FRAMES)
+    assert len(letters) == DEAD_LETTERS
 
     published = read_topic(config, topics["output"], expected=len(expected))
     assert {m.key.decode() for m in published} == expected
@@ -82,8 +82,8 @@ def check_outputs(config: dict[str, Any], topics: dict[str, str], expected: set[
     assert body["frame_id"] == published[0].key.decode()
     assert isinstance(body["detections"], list)
 
-    dead = read_topic(config, topics["dlq"], expected=len(BAD_FRAMES))
-    assert len(dead) == len(BAD_FRAMES)
+    dead = read_topic(config, topics["dlq"], expected=DEAD_LETTERS)
+    assert len(dead) == DEAD_LETTERS
     reasons = Counter(m.header(contract.DLQ_REASON) for m in dead)
     assert reasons == Counter(
         {
@@ -92,6 +92,7 @@ def check_outputs(config: dict[str, Any], topics: dict[str, str], expected: set[
             dl.CORRUPT_IMAGE: 1,
             dl.BAD_HEADER: 1,
             dl.UNSUPPORTED_CONTENT_TYPE: 1,
+            dl.DUPLICATE_FRAME_CONFLICT: 1,
         }
     )
     by_reason = {m.header(contract.DLQ_REASON): m for m in dead}
@@ -133,7 +134,7 @@ def test_rerunning_over_the_same_topic_adds_nothing(
     store = open_store(url)
     try:
         assert store.count_results() == len(expected)
-        assert store.count_dead_letters() == len(BAD_FRAMES)
+        assert store.count_dead_letters() == DEAD_LETTERS
     finally:
         store.close()
     # The sink skipped the second run's frames entirely, so nothing was published twice.
