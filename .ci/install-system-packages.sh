@@ -3,12 +3,14 @@
 #
 #   postgresql  - a real PostgreSQL server for the sink's integration tests
 #   prometheus  - ships promtool, used to check the metrics and alert rules
+#   kubernetes-client - kubectl, whose `kubectl kustomize` builds the Kubernetes overlays
+#                  (skipped when a kubectl is already on PATH, whatever installed it)
 #
 # Services are never started: the tests start their own servers in temporary directories.
 # Safe to run repeatedly; with everything present it only queries dpkg.
 set -euo pipefail
 
-PACKAGES=(postgresql prometheus)
+PACKAGES=(postgresql prometheus kubernetes-client)
 
 is_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -22,6 +24,7 @@ has_tools() {
                 || command -v initdb >/dev/null 2>&1
             ;;
         prometheus) command -v promtool >/dev/null 2>&1 ;;
+        kubernetes-client) command -v kubectl >/dev/null 2>&1 ;;
         *) return 1 ;;
     esac
 }

@@ -1,0 +1,162 @@
+"""docker-compose.yml: valid against the compose specification's schema (the copy that
+check-jsonschema ships), every file it mounts or builds from exists, and the start order
+and settings make `docker compose up` come up clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.settings import Settings
+from tests.fixtures.kafka import REPO_ROOT
+from tests.integration.tools import require_module
+
+pytestmark = pytest.mark.integration
+
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The compose file, parsed (anchors and merge keys resolved)."""
+    yaml = require_module("yaml", "pyyaml")
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_compose_file_validates_against_the_compose_spec(compose: dict[str, Any]) -> None:
+    jsonschema = require_module("jsonschema", "check-jsonschema")
+    require_module("check_jsonschema", "check-jsonschema")
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    errors = sorted(validator_class(schema).iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_every_mounted_or_built_file_exists(compose: dict[str, Any]) -> None:
+    missing: list[str] = []
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            if source.startswith((".", "/")) and not (REPO_ROOT / source).exists():
+                missing.append(f"{name}: {source}")
+        build = service.get("build")
+        if build:
+            context = REPO_ROOT / build["context"]
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            if not dockerfile.is_file():
+                missing.append(f"{name}: {dockerfile}")
+            missing.extend(f"{name}: {p}" for p in _dockerfile_sources(dockerfile, context))
+    assert not missing, "missing: " + ", ".join(missing)
+
+
+def test_files_the_jaeger_config_names_are_mounted(compose: dict[str, Any]) -> None:
+    config = REPO_ROOT / "jaeger" / "config.yaml"
+    assert config.exists(), "jaeger/config.yaml is missing"
+    targets = {v.split(":")[1] for v in compose["services"]["jaeger"]["volumes"]}
+    named = set(re.findall(r"/etc/jaeger/[\w.-]+", config.read_text()))
+    assert named <= targets, f"not mounted into the jaeger service: {named - targets}"
+
+
+def _dockerfile_sources(dockerfile: Path, context: Path) -> list[str]:
+    """Sources of the Dockerfile's COPY/ADD lines that are absent from `context`."""
+    if not dockerfile.is_file():
+        return []
+    absent: list[str] = []
+    for line in dockerfile.read_text().splitlines():
+        match = re.match(r"\s*(COPY|ADD)\s+(?!--from)(.+)", line)
+        if match:
+            *sources, _ = match.group(2).split()
+            absent.extend(
+                s for s in sources if not s.startswith("--") and not (context / s).exists()
+            )
+    return absent
+
+
+def test_start_order_waits_for_health_and_topic_creation(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        for dependency, rule in service.get("depends_on", {}).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            condition = rule["condition"]
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dependency], (name, dependency)
+            if condition == "service_completed_successfully":
+                assert services[dependency].get("restart") == "no", (name, dependency)
+    for consumer in ("streamsight", "streamsight-gpu", "camera"):
+        depends = services[consumer]["depends_on"]
+        assert depends["kafka-init"]["condition"] == "service_completed_successfully"
+    assert services["streamsight"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["jaeger"]["image"].startswith("jaegertracing/jaeger:2")
+    assert "kafka-topics.sh" in "".join(services["kafka-init"]["command"])
+
+
+def test_dataflow_and_camera_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    dataflow = services["streamsight"]["environment"]
+    for key in [k for k in os.environ if k.startswith("STREAMSIGHT_")]:
+        monkeypatch.delenv(key)
+    for key, value in dataflow.items():
+        monkeypatch.setenv(key, str(value))
+    settings = Settings()  # the dataflow's settings parse
+    assert settings.sink.startswith("postgresql://") and settings.brokers == "kafka:9092"
+    recovery = settings.recovery_dir
+    assert any(v.endswith(f":{recovery}") for v in services["streamsight"]["volumes"])
+    assert services["streamsight"]["ports"] == ["9464:9464"]
+    assert dataflow["STREAMSIGHT_METRICS_PORT"] == "9464"
+    for name in ("streamsight", "camera"):
+        environment = services[name]["environment"]
+        assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+        assert environment["OTEL_SERVICE_NAME"]
+    camera = services["camera"]["command"]
+    assert camera[:3] == ["python", "-m", "flows.camera"]
+    assert camera[camera.index("--source") + 1] == "synthetic"
+    # Named volumes for Kafka, the sink and recovery.
+    assert {"kafka-data", "postgres-data", "recovery"} <= compose["volumes"].keys()
+
+
+def test_gpu_profile_reserves_an_nvidia_device(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gpu = services["streamsight-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert "profiles" not in services["streamsight"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert gpu["environment"]["STREAMSIGHT_DEVICE"] == "cuda"
+    assert gpu["build"]["args"]["TORCH_INDEX_URL"] != services["streamsight"]["build"].get(
+        "args", {}
+    ).get("TORCH_INDEX_URL")
+
+
+def test_image_runs_as_a_non_root_user() -> None:
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert "FROM python:3.11-slim" in dockerfile
+    assert "download.pytorch.org/whl/cpu" in dockerfile
+
+
+def test_prometheus_scrapes_services_that_exist(compose: dict[str, Any]) -> None:
+    yaml = require_module("yaml", "pyyaml")
+    config_file = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    assert config_file.exists(), "deploy/prometheus/prometheus.yml is missing"
+    config = yaml.safe_load(config_file.read_text())
+    hosts = {
+        target.split(":")[0]
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
+    unknown = hosts - compose["services"].keys() - {"localhost"}
+    assert not unknown, f"scrape targets with no compose service: {unknown}"
