@@ -24,6 +24,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -566,6 +567,9 @@ def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[Outg
         sent = count
         progress(count)
 
+    from operators.tracing import send_tracer, setup_tracing
+
+    tracing = setup_tracing("streamsight-camera")
     config = producer_config(settings, client_id=args.client_id)
     config["message.timeout.ms"] = max(1, int(args.delivery_timeout * 1000))
     producer = CheckedProducer(config)
@@ -592,6 +596,12 @@ def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[Outg
             on_sent=_on_sent,
             partitions=partitions,
             flush_timeout_s=args.delivery_timeout + 5.0,
+            trace_headers=send_tracer(
+                tracing,
+                args.topic,
+                args.job_id,
+                None if partitions is None else partial(spread_partition, partitions=partitions),
+            ),
         )
         sent = report.sent
     except _Unreachable as exc:
@@ -611,6 +621,7 @@ def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[Outg
     finally:
         progress.close()
         producer.close()
+        tracing.flush()
     seconds = time.monotonic() - started
     failed = producer.failed + max(0, sent - producer.delivered - producer.failed)
     fps = producer.delivered / seconds if seconds > 0 else 0.0

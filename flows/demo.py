@@ -18,13 +18,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.camera import camera_index, publish, synthetic_frames
+from flows.camera import camera_index, publish, spread_partition, synthetic_frames
 from flows.embedded import EmbeddedBroker
 from flows.settings import Settings
 from operators.evaluation import EvalReport, evaluate_detections
@@ -32,6 +33,7 @@ from operators.kafka_io import CheckedProducer, producer_config
 from operators.scene import render_frame
 from operators.stores import detections_from_json, open_store
 from operators.tally import Tally
+from operators.tracing import Tracing, send_tracer
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +128,10 @@ def summary_table(summary: DemoSummary, job_id: str) -> Table:
 class Demo:
     """Runs the embedded broker and the synthetic cameras for one demo run."""
 
-    def __init__(self, settings: Settings, tally: Tally) -> None:
+    def __init__(self, settings: Settings, tally: Tally, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.tally = tally
+        self.tracing = tracing or Tracing.disabled()
         self.job_id = settings.demo_job_id or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
         self.per_camera = math.ceil(settings.demo_frames / settings.demo_cameras)
         self.total = self.per_camera * settings.demo_cameras
@@ -185,6 +188,12 @@ class Demo:
                 fps=settings.demo_fps,
                 on_sent=self._count_sent,
                 partitions=settings.partitions,
+                trace_headers=send_tracer(
+                    self.tracing,
+                    settings.input_topic,
+                    self.job_id,
+                    partial(spread_partition, partitions=settings.partitions),
+                ),
             )
         except Exception as exc:  # reported in the summary and the exit status
             self.error = f"demo camera failed: {exc}"
@@ -245,8 +254,10 @@ class Demo:
     _finished = False
 
     def finish(self) -> None:
-        """Stop the display, print the summary; exit non-zero if anything went missing."""
+        """Flush the spans, stop the display, print the summary; exit non-zero if anything
+        went missing."""
         self._finished = True
+        self.tracing.flush()
         if self._progress.is_alive():
             self._progress.join(timeout=2)
         seconds = time.monotonic() - self.started

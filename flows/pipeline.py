@@ -3,7 +3,7 @@ out at every stage. Wiring only; the stages live in `operators/`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -19,6 +19,7 @@ from operators.batching import batch_logic_builder, stream_key
 from operators.decode import FrameLimits, prepare_frame
 from operators.frames import DeadLetter, FrameBatch, FrameResult, PreparedFrame
 from operators.ingest import error_to_dead_letter, to_raw_frame
+from operators.tracing import Tracing, traced_infer, traced_prepare, traced_source_error
 
 Infer = Callable[[FrameBatch], list[FrameResult]]
 
@@ -56,16 +57,28 @@ def build_flow(
     results: Sink[FrameResult],
     dead_letters: Sink[DeadLetter],
     flow_id: str = "streamsight",
+    tracing: Tracing | None = None,
+    model: Mapping[str, str] | None = None,
 ) -> Dataflow:
-    """Wire the stages into a Bytewax dataflow reading `source` and writing the two sinks."""
+    """Wire the stages into a Bytewax dataflow reading `source` and writing the two sinks.
+
+    With `tracing`, the ingest, decode and inference stages are wrapped in per-frame and
+    per-batch spans (`model` adds the model's attributes to the inference spans); the
+    sinks trace their writes through their own `trace_writes` hook.
+    """
+    tracing = tracing or Tracing.disabled()
     limits = FrameLimits(settings.max_frame_bytes, settings.max_pixels, input_size)
     flow = Dataflow(flow_id)
     messages = op.input("ingest", flow, source)
     received = op.branch("split_source_errors", messages, _is_message)
     raw = op.map("to_raw_frame", received.trues, to_raw_frame)
-    source_errors = op.map("source_error_to_dead_letter", received.falses, error_to_dead_letter)
+    source_errors = op.map(
+        "source_error_to_dead_letter",
+        received.falses,
+        traced_source_error(tracing, error_to_dead_letter),
+    )
 
-    decoded = op.map("decode", raw, partial(prepare_frame, limits=limits))
+    decoded = op.map("decode", raw, traced_prepare(tracing, partial(prepare_frame, limits=limits)))
     prepared = op.branch("split_decode_errors", decoded, _is_prepared)
     keyed = op.key_on("stream_key", prepared.trues, partial(stream_key, by=settings.batch_key))
     batches = op.stateful_batch(
@@ -78,7 +91,9 @@ def build_flow(
         ),
     )
     unkeyed = op.key_rm("unkey", batches)
-    outcomes = op.flat_map("infer", unkeyed, partial(infer_or_dead_letter, infer))
+    outcomes = op.flat_map(
+        "infer", unkeyed, partial(infer_or_dead_letter, traced_infer(tracing, infer, model))
+    )
     inferred = op.branch("split_infer_errors", outcomes, _is_result)
 
     op.output("sink", inferred.trues, results)

@@ -18,16 +18,19 @@ from operators.ingest import frame_source
 from operators.kafka_io import client_config, producer_config
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.tally import Tally
+from operators.tracing import setup_tracing, write_tracer
 
 settings = load_settings()
 logging.basicConfig(
     level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
 )
 tally = Tally()
+tracing = setup_tracing()
+store_system = "sqlite" if settings.sink.startswith("sqlite") else "postgresql"
 
 demo: Demo | None = None
 if settings.embedded:
-    demo = Demo(settings, tally)
+    demo = Demo(settings, tally, tracing=tracing)
     bootstrap = demo.bootstrap
 else:
     enable_recovery(
@@ -65,13 +68,25 @@ flow = build_flow(
         publish=settings.publish_detections,
         on_results=tally.results_written,
         on_letters=tally.dead_letters_written,
+        trace_writes=write_tracer(
+            tracing,
+            topic=settings.output_topic if settings.publish_detections else None,
+            store=store_system,
+        ),
     ),
     dead_letters=DeadLetterSink(
         settings.sink,
         producer,
         topic=settings.dead_letter_topic,
         on_letters=tally.dead_letters_written,
+        trace_writes=write_tracer(tracing, topic=settings.dead_letter_topic, store=store_system),
     ),
+    tracing=tracing,
+    model={
+        "streamsight.model.name": inferencer.detector.name,
+        "streamsight.model.version": inferencer.detector.version,
+        "streamsight.device": inferencer.device_name,
+    },
 )
 
 if demo is not None:

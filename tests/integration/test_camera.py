@@ -3,6 +3,7 @@ against a `python -m flows.embedded` broker."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -78,8 +79,9 @@ def _check_headers(message: ConsumedMessage, job_id: str) -> None:
     capture = message.header(contract.CAPTURE_TIME_MS)
     assert capture is not None
     assert abs(float(capture) - time.time() * 1000) < 120_000
-    for name in contract.TRACE_HEADERS:
-        assert message.header(name) is None
+    traceparent = message.header(contract.TRACEPARENT) or ""
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]", traceparent), traceparent
+    assert f"job.id={job_id}" in (message.header(contract.BAGGAGE) or "")
     assert message.value is not None and message.value.startswith(b"\xff\xd8\xff")
 
 

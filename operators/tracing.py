@@ -1,0 +1,971 @@
+"""Per-frame OpenTelemetry traces: setup from the standard `OTEL_*` variables, and wrappers
+that the flow wiring puts around the stages.
+
+Each frame is one trace: `send frames` (the camera, PRODUCER) -> `process frames` (ingest,
+CONSUMER, child of the context in the Kafka headers) -> `preprocess`, `batch wait`,
+`inference` and `sink write` (children of the ingest span). The ingest span's context
+travels inside the item (`FrameMeta.trace_carrier`), so any worker can continue the trace.
+Inference and sink writes also get one span per batch that links to every frame's context.
+
+Configuration is the OpenTelemetry SDK's own: `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER`
+(`otlp`, the default, `console` or `none`), `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`
+(`grpc`, the default, or `http/protobuf`), endpoint, headers, certificate, timeout,
+`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)` and
+`OTEL_BSP_*`. When tracing is off the wrappers return the stage functions unchanged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from opentelemetry import baggage
+from opentelemetry import trace as otel_trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from operators import contract
+from operators.frames import DeadLetter, FrameBatch, FrameMeta, FrameResult, PreparedFrame, RawFrame
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "streamsight"
+SERVICE_VERSION = "0.1.0"
+SCOPE = "streamsight"
+MESSAGING_SYSTEM = "kafka"
+FLUSH_TIMEOUT_S = 5.0
+"""Longest the flush at shutdown may take (a missing collector must not hang the exit)."""
+EXPORT_COOLDOWN_S = 30.0
+"""After a failed export, batches are dropped for this long instead of retried."""
+MAX_ATTRIBUTE_LENGTH = 256
+MAX_LISTED_IDS = 8
+
+# Span names and the `streamsight.stage` of each.
+SEND = "send"
+INGEST = "ingest"
+PREPROCESS = "preprocess"
+BATCH_WAIT = "batch_wait"
+INFERENCE = "inference"
+SINK = "sink"
+STAGES = (SEND, INGEST, PREPROCESS, BATCH_WAIT, INFERENCE, SINK)
+SPAN_NAMES = {
+    PREPROCESS: "preprocess",
+    BATCH_WAIT: "batch wait",
+    INFERENCE: "inference",
+    SINK: "sink write",
+}
+INFERENCE_BATCH_SPAN = "inference batch"
+SINK_BATCH_SPAN = "sink write batch"
+
+JOB_ID = "job.id"
+CAMERA = "camera.id"
+STAGE = "streamsight.stage"
+SCOPE_ATTR = "streamsight.span.scope"
+FRAME_ID = "streamsight.frame.id"
+BATCH_ID = "streamsight.batch.id"
+
+PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+Attributes = dict[str, str | int | float | bool]
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value.strip() if value and value.strip() else None
+
+
+def bounded(text: str, limit: int = MAX_ATTRIBUTE_LENGTH) -> str:
+    """`text` cut to `limit` characters (attributes never hold unbounded strings)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def joined(values: Sequence[str]) -> str:
+    """Distinct values in order of appearance, comma-joined, at most `MAX_LISTED_IDS`."""
+    distinct = list(dict.fromkeys(values))
+    text = ",".join(distinct[:MAX_LISTED_IDS])
+    if len(distinct) > MAX_LISTED_IDS:
+        text += f",+{len(distinct) - MAX_LISTED_IDS}"
+    return bounded(text)
+
+
+# Setup ------------------------------------------------------------------------------------
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first warning of a logger through and hides the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.sdk._shared_internal",
+)
+
+
+class GuardedExporter(SpanExporter):
+    """Wraps an exporter: never raises, logs the first failure once, and after a failure
+    drops batches for `cooldown_s` instead of waiting on retries."""
+
+    def __init__(
+        self,
+        inner: SpanExporter,
+        *,
+        cooldown_s: float = EXPORT_COOLDOWN_S,
+        probe: Callable[[], bool] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.cooldown_s = cooldown_s
+        self.probe = probe
+        self.failed_until = 0.0
+        self.failures = 0
+        self.exported = 0
+        self._warned = False
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last export failed less than `cooldown_s` ago."""
+        return time.monotonic() < self.failed_until
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        if self.failing:
+            self.failures += 1
+            return SpanExportResult.FAILURE
+        try:
+            if self.exported == 0 and self.probe is not None and not self.probe():
+                result = SpanExportResult.FAILURE
+            else:
+                result = self.inner.export(spans)
+        except Exception as exc:  # an exporter must never take the flow down
+            result = SpanExportResult.FAILURE
+            if not self._warned:
+                log.warning("trace export failed: %s", type(exc).__name__)
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
+            return result
+        self.failures += 1
+        self.failed_until = time.monotonic() + self.cooldown_s
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "spans could not be exported; dropping spans for %.0f s after each failure "
+                "(further failures are not logged)",
+                self.cooldown_s,
+            )
+        return result
+
+    def shutdown(self) -> None:
+        try:
+            self.inner.shutdown()
+        except Exception:  # shutting down must not raise at exit
+            log.debug("span exporter shutdown failed", exc_info=True)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+class LinkAwareSampler(Sampler):
+    """Root sampler: a span with links (a batch span) is sampled exactly when one of the
+    contexts it links to is (any of its frames); anything else goes to `root`."""
+
+    def __init__(self, root: Sampler) -> None:
+        self.root = root
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if links:
+            if any(link.context.trace_flags.sampled for link in links):
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+            return SamplingResult(Decision.DROP)
+        return self.root.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"LinkAware{{{self.root.get_description()}}}"
+
+
+def parent_based_sampler() -> Sampler:
+    """The sampler named by `OTEL_TRACES_SAMPLER(_ARG)` (parsed by the SDK), made
+    parent-based so that a frame's trace is kept or dropped whole."""
+    configured = TracerProvider(shutdown_on_exit=False).sampler
+    root = getattr(configured, "_root", None) if isinstance(configured, ParentBased) else None
+    return ParentBased(LinkAwareSampler(root if root is not None else configured))
+
+
+def bytewax_process_id(argv: Sequence[str] | None = None) -> str | None:
+    """The Bytewax process id of this process (`-i`, `BYTEWAX_PROCESS_ID` or the pod's
+    ordinal in its StatefulSet), or None for a single-process run."""
+    args = list(sys.argv if argv is None else argv)
+    for index, arg in enumerate(args):
+        if arg in ("-i", "--process-id") and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--process-id="):
+            return arg.split("=", 1)[1]
+    if _env("BYTEWAX_PROCESS_ID"):
+        return _env("BYTEWAX_PROCESS_ID")
+    pod, statefulset = _env("BYTEWAX_POD_NAME"), _env("BYTEWAX_STATEFULSET_NAME")
+    if pod and statefulset and pod.startswith(statefulset + "-"):
+        return pod.removeprefix(statefulset + "-")
+    return None
+
+
+def build_resource(default_service: str = SERVICE_NAME) -> Resource:
+    """Service, process and host, the Bytewax process id, and the Kubernetes pod; then
+    `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`, which win."""
+    host = socket.gethostname()
+    attributes: dict[str, str | int] = {
+        "service.name": default_service,
+        "service.version": SERVICE_VERSION,
+        "service.instance.id": f"{host}/{os.getpid()}",
+        "host.name": host,
+        "process.pid": os.getpid(),
+        "process.runtime.name": "cpython",
+        "process.runtime.version": ".".join(str(v) for v in sys.version_info[:3]),
+    }
+    process_id = bytewax_process_id()
+    if process_id is not None:
+        attributes["bytewax.process.id"] = process_id
+    if _env("KUBERNETES_SERVICE_HOST") or _env("BYTEWAX_POD_NAME"):
+        attributes["k8s.pod.name"] = _env("BYTEWAX_POD_NAME") or _env("POD_NAME") or host
+        namespace = _env("POD_NAMESPACE") or _env("K8S_NAMESPACE")
+        if namespace:
+            attributes["k8s.namespace.name"] = namespace
+        if _env("BYTEWAX_STATEFULSET_NAME"):
+            attributes["k8s.statefulset.name"] = _env("BYTEWAX_STATEFULSET_NAME") or ""
+    return Resource.create(attributes).merge(OTELResourceDetector().detect())
+
+
+def otlp_exporter() -> SpanExporter:
+    """The OTLP exporter for `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`; endpoint, headers,
+    certificate, compression and timeout are read from the environment by the exporter."""
+    protocol = (
+        _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPSpanExporter,
+        )
+
+        return HTTPSpanExporter()
+    raise ValueError(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
+
+
+def otlp_endpoint() -> tuple[str, int]:
+    """Host and port the OTLP exporter sends to (from the standard variables)."""
+    protocol = (
+        _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    )
+    default = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318"
+    endpoint = (
+        _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT") or default
+    )
+    if "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    parsed = urlsplit(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.hostname or "localhost", port
+
+
+def reachable(address: tuple[str, int], timeout_s: float = 1.0) -> bool:
+    """Whether a TCP connection to `address` can be opened (a collector is listening)."""
+    try:
+        with socket.create_connection(address, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Tracing:
+    """The process's tracing: a tracer when enabled, else `enabled` is False and the
+    wrappers leave the stages as they are."""
+
+    enabled: bool
+    tracer: otel_trace.Tracer
+    provider: TracerProvider | None = None
+    processor: SpanProcessor | None = None
+    exporter: GuardedExporter | None = None
+    consumer_group: str | None = None
+    _closed: bool = False
+
+    @classmethod
+    def disabled(cls) -> Tracing:
+        """Tracing switched off."""
+        return cls(False, otel_trace.NoOpTracer())
+
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Export every finished span (bounded by `timeout_s`) and stop exporting."""
+        if self._closed or self.provider is None:
+            return
+        self._closed = True
+        processor = self.processor
+        if processor is None:
+            return
+        if self.exporter is None or not self.exporter.failing:
+            _bounded(processor.force_flush, timeout_s)
+        if not _bounded(processor.shutdown, timeout_s) and self.exporter is not None:
+            self.exporter.shutdown()
+
+
+def _bounded(call: Callable[[], object], timeout_s: float) -> bool:
+    """Run `call` in a daemon thread for at most `timeout_s`; whether it finished."""
+    worker = threading.Thread(target=call, name="trace-flush", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return not worker.is_alive()
+
+
+def setup_tracing(
+    service_name: str = SERVICE_NAME,
+    *,
+    exporter: SpanExporter | None = None,
+    processor: Callable[[SpanExporter], SpanProcessor] = BatchSpanProcessor,
+    flush_at_exit: bool = True,
+) -> Tracing:
+    """Tracing configured from the `OTEL_*` environment.
+
+    Off when `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. Otherwise spans go
+    through a batch processor to `exporter` (default: OTLP, or the console with
+    `OTEL_TRACES_EXPORTER=console`); a failing exporter is logged once and never raises.
+    The provider is the process's own (not the global one) and is flushed at exit.
+    """
+    if _truthy(os.environ.get("OTEL_SDK_DISABLED")):
+        return Tracing.disabled()
+    kind = (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
+    probe: Callable[[], bool] | None = None
+    if exporter is None:
+        if kind == "none":
+            return Tracing.disabled()
+        if kind == "console":
+            exporter = ConsoleSpanExporter()
+        elif kind == "otlp":
+            exporter = otlp_exporter()
+            probe = partial(reachable, otlp_endpoint())
+        else:
+            raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {kind!r}: use otlp, console, none")
+    for name in _EXPORTER_LOGGERS:
+        logging.getLogger(name).addFilter(_OnceFilter())
+    guarded = GuardedExporter(exporter, probe=probe)
+    span_processor = processor(guarded)
+    provider = TracerProvider(
+        resource=build_resource(service_name),
+        sampler=parent_based_sampler(),
+        shutdown_on_exit=False,
+    )
+    provider.add_span_processor(span_processor)
+    tracing = Tracing(
+        True,
+        provider.get_tracer(SCOPE, SERVICE_VERSION),
+        provider=provider,
+        processor=span_processor,
+        exporter=guarded,
+    )
+    if flush_at_exit:
+        atexit.register(tracing.flush)
+    return tracing
+
+
+# Context and attributes -------------------------------------------------------------------
+
+
+def extract(carrier: Mapping[str, str]) -> Context:
+    """The context (trace and baggage) held by a carrier of W3C headers."""
+    return PROPAGATOR.extract(dict(carrier))
+
+
+def inject(context: Context) -> dict[str, str]:
+    """The W3C headers (`traceparent`, `tracestate`, `baggage`) of `context`."""
+    carrier: dict[str, str] = {}
+    PROPAGATOR.inject(carrier, context=context)
+    return carrier
+
+
+def carrier_of(span: Span, job_id: str | None, parent: Context | None = None) -> dict[str, str]:
+    """The headers that continue the trace under `span`, with the job ID as baggage."""
+    context = otel_trace.set_span_in_context(span, parent)
+    if job_id:
+        context = baggage.set_baggage(JOB_ID, job_id, context)
+    return inject(context)
+
+
+def carrier_from_headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
+    """The trace headers of a Kafka message."""
+    carrier: dict[str, str] = {}
+    for name, value in headers:
+        if name in contract.TRACE_HEADERS and value and name not in carrier:
+            try:
+                carrier[name] = value.decode("ascii")
+            except UnicodeDecodeError:
+                continue
+    return carrier
+
+
+def source_attributes(
+    topic: str, partition: int, offset: int, consumer_group: str | None = None
+) -> Attributes:
+    """OTel messaging attributes of a message read from Kafka."""
+    attributes: Attributes = {
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.destination.name": bounded(topic),
+        "messaging.destination.partition.id": str(partition),
+        "messaging.kafka.offset": offset,
+    }
+    if consumer_group:
+        attributes["messaging.consumer.group.name"] = bounded(consumer_group)
+    return attributes
+
+
+def frame_attributes(meta: FrameMeta, stage: str, consumer_group: str | None = None) -> Attributes:
+    """Job, camera, frame identity and source coordinates of one frame's span."""
+    attributes: Attributes = {
+        STAGE: stage,
+        SCOPE_ATTR: "frame",
+        JOB_ID: bounded(meta.job_id),
+        CAMERA: bounded(meta.camera),
+        FRAME_ID: bounded(meta.frame_id),
+    }
+    if meta.seq is not None:
+        attributes["streamsight.frame.seq"] = meta.seq
+    attributes.update(source_attributes(meta.topic, meta.partition, meta.offset, consumer_group))
+    return attributes
+
+
+def _error(span: Span, reason: str, detail: str = "") -> None:
+    span.set_status(Status(StatusCode.ERROR, bounded(f"{reason}: {detail}" if detail else reason)))
+    span.set_attribute("error.type", bounded(reason))
+
+
+# Camera -----------------------------------------------------------------------------------
+
+
+class OutgoingFrameLike(Protocol):
+    """What the send span needs of a frame the camera publishes."""
+
+    camera: str
+    seq: int
+    capture_time_ms: float
+
+
+def send_tracer(
+    tracing: Tracing,
+    topic: str,
+    job_id: str,
+    partition_of: Callable[[str], int | None] | None = None,
+) -> Callable[[Any], dict[str, str]] | None:
+    """The camera's `trace_headers` hook: a `send <topic>` PRODUCER span per frame (from
+    capture to hand-over to the producer), whose context and the job ID (as baggage) go
+    into the message headers. None when tracing is off."""
+    if not tracing.enabled:
+        return None
+    tracer = tracing.tracer
+    base: Attributes = {
+        STAGE: SEND,
+        SCOPE_ATTR: "frame",
+        JOB_ID: bounded(job_id),
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.destination.name": bounded(topic),
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+    }
+
+    def headers(frame: OutgoingFrameLike) -> dict[str, str]:
+        now = time.time_ns()
+        start = min(int(frame.capture_time_ms * 1e6), now)
+        attributes = dict(base)
+        attributes[CAMERA] = bounded(frame.camera)
+        attributes["streamsight.frame.seq"] = frame.seq
+        attributes["messaging.kafka.message.key"] = bounded(frame.camera)
+        partition = partition_of(frame.camera) if partition_of is not None else None
+        if partition is not None:
+            attributes["messaging.destination.partition.id"] = str(partition)
+
+        span = tracer.start_span(
+            f"send {topic}",
+            context=Context(),
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+            start_time=start,
+        )
+        carrier = carrier_of(span, job_id)
+        span.end(end_time=now)
+        return carrier
+
+    return headers
+
+
+# Ingest and preprocess --------------------------------------------------------------------
+
+
+def _printable(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if len(text) <= contract.MAX_ID_LENGTH and text.isprintable() else None
+
+
+def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:
+    return next((value for key, value in headers if key == name), None)
+
+
+def _job_of(job_id: str | None, headers: Sequence[tuple[str, bytes | None]], ctx: Context) -> str:
+    found = job_id or _printable(_header(headers, contract.JOB_ID))
+    if not found:
+        value = baggage.get_baggage(JOB_ID, ctx)
+        found = str(value) if value else None
+    return bounded(found or contract.DEFAULT_JOB_ID)
+
+
+def _camera_of(headers: Sequence[tuple[str, bytes | None]], key: bytes | None) -> str:
+    return bounded(_printable(_header(headers, contract.CAMERA)) or _printable(key) or "unknown")
+
+
+def _letter_attributes(letter: DeadLetter, ctx: Context, stage: str) -> Attributes:
+    attributes: Attributes = {
+        STAGE: stage,
+        SCOPE_ATTR: "frame",
+        JOB_ID: _job_of(letter.job_id, letter.headers, ctx),
+        CAMERA: _camera_of(letter.headers, letter.key),
+        "streamsight.dead_letter.stage": letter.stage,
+        "streamsight.dead_letter.reason": letter.reason,
+    }
+    if letter.frame_id:
+        attributes[FRAME_ID] = bounded(letter.frame_id)
+    return attributes
+
+
+def _ingest_span(
+    tracing: Tracing,
+    *,
+    parent: Context,
+    attributes: Attributes,
+    topic: str,
+    start_ns: int,
+) -> Span:
+    attributes = {
+        **attributes,
+        STAGE: INGEST,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+    }
+    return tracing.tracer.start_span(
+        f"process {topic}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes=attributes,
+        start_time=start_ns,
+    )
+
+
+def traced_prepare(
+    tracing: Tracing, prepare: Callable[[RawFrame], PreparedFrame | DeadLetter]
+) -> Callable[[RawFrame], PreparedFrame | DeadLetter]:
+    """Wrap the decode stage: the ingest CONSUMER span (child of the Kafka headers'
+    context, from the message's Kafka timestamp to its ingest) and a `preprocess` span;
+    the ingest span's context goes into the frame (or dead letter) for later stages."""
+    if not tracing.enabled:
+        return prepare
+    tracer = tracing.tracer
+    group = tracing.consumer_group
+
+    def run(raw: RawFrame) -> PreparedFrame | DeadLetter:
+        started = time.time_ns()
+        out = prepare(raw)
+        ended = time.time_ns()
+        parent = extract(carrier_from_headers(raw.headers))
+        if isinstance(out, PreparedFrame):
+            attributes = frame_attributes(out.meta, INGEST, group)
+            job_id: str = out.meta.job_id
+        else:
+            attributes = {
+                **_letter_attributes(out, parent, INGEST),
+                **source_attributes(raw.topic, raw.partition, raw.offset, group),
+            }
+            job_id = str(attributes[JOB_ID])
+        attributes["messaging.message.body.size"] = len(raw.value or b"")
+        kafka_ns = (raw.timestamp_ms or 0) * 1_000_000
+        ingest = _ingest_span(
+            tracing,
+            parent=parent,
+            attributes=attributes,
+            topic=raw.topic,
+            start_ns=kafka_ns if 0 < kafka_ns <= raw.ingest_ns else raw.ingest_ns,
+        )
+        ingest.end(end_time=raw.ingest_ns)
+        carrier = carrier_of(ingest, job_id, parent)
+        step = tracer.start_span(
+            SPAN_NAMES[PREPROCESS],
+            context=otel_trace.set_span_in_context(ingest),
+            attributes={**attributes, STAGE: PREPROCESS},
+            start_time=started,
+        )
+        if isinstance(out, PreparedFrame):
+            step.set_attribute("streamsight.frame.width", out.meta.width)
+            step.set_attribute("streamsight.frame.height", out.meta.height)
+            step.end(end_time=ended)
+            return replace(out, meta=replace(out.meta, trace_carrier=carrier))
+        _error(step, out.reason, out.detail)
+        step.end(end_time=ended)
+        return replace(out, trace_carrier=carrier)
+
+    return run
+
+
+def traced_source_error(
+    tracing: Tracing, to_letter: Callable[[Any], DeadLetter]
+) -> Callable[[Any], DeadLetter]:
+    """Wrap the conversion of a source error: an ingest span with error status."""
+    if not tracing.enabled:
+        return to_letter
+
+    def run(error: Any) -> DeadLetter:
+        letter = to_letter(error)
+        now = time.time_ns()
+        parent = extract(carrier_from_headers(letter.headers))
+        attributes = {
+            **_letter_attributes(letter, parent, INGEST),
+            **source_attributes(
+                letter.topic, letter.partition, letter.offset, tracing.consumer_group
+            ),
+        }
+        span = _ingest_span(
+            tracing,
+            parent=parent,
+            attributes=attributes,
+            topic=letter.topic,
+            start_ns=now,
+        )
+        _error(span, letter.reason, letter.detail)
+        span.end(end_time=now)
+        return replace(letter, trace_carrier=carrier_of(span, str(attributes[JOB_ID]), parent))
+
+    return run
+
+
+# Batch wait and inference -----------------------------------------------------------------
+
+
+def _span_context_of(carrier: Mapping[str, str]) -> tuple[Context, otel_trace.SpanContext]:
+    ctx = extract(carrier)
+    return ctx, otel_trace.get_current_span(ctx).get_span_context()
+
+
+def batch_attributes(metas: Sequence[FrameMeta], stage: str) -> Attributes:
+    """Attributes of a span over a batch: jobs, cameras, topics and the message count."""
+    partitions = {str(m.partition) for m in metas}
+    attributes: Attributes = {
+        STAGE: stage,
+        SCOPE_ATTR: "batch",
+        JOB_ID: joined([m.job_id for m in metas]),
+        CAMERA: joined([m.camera for m in metas]),
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.destination.name": joined([m.topic for m in metas]),
+        "messaging.batch.message_count": len(metas),
+        "messaging.operation.type": "process",
+    }
+    if len(partitions) == 1:
+        attributes["messaging.destination.partition.id"] = partitions.pop()
+    return attributes
+
+
+def _model_attributes(result: FrameResult | None, model: Mapping[str, str]) -> Attributes:
+    attributes: Attributes = {k: bounded(v) for k, v in model.items()}
+    if result is not None:
+        attributes.update(
+            {
+                "streamsight.model.name": bounded(result.model_name),
+                "streamsight.model.version": bounded(result.model_version),
+                "streamsight.device": bounded(result.device),
+            }
+        )
+    return attributes
+
+
+def traced_infer(
+    tracing: Tracing,
+    infer: Callable[[FrameBatch], list[FrameResult]],
+    model: Mapping[str, str] | None = None,
+) -> Callable[[FrameBatch], list[FrameResult]]:
+    """Wrap the inference stage: per frame a `batch wait` span (prepared -> dispatched)
+    and an `inference` span (dispatched -> inferred, linked to the batch span); per batch
+    an `inference batch` span linked to every frame's context. `model` holds
+    `streamsight.model.name`, `streamsight.model.version` and `streamsight.device`."""
+    if not tracing.enabled:
+        return infer
+    tracer = tracing.tracer
+    group = tracing.consumer_group
+    model = dict(model or {})
+
+    def run(batch: FrameBatch) -> list[FrameResult]:
+        frames = batch.frames
+        metas = [frame.meta for frame in frames]
+        parents = [_span_context_of(meta.trace_carrier) for meta in metas]
+        batch_info: Attributes = {
+            BATCH_ID: batch.batch_id,
+            "streamsight.batch.size": len(frames),
+            "streamsight.batch.flush_reason": batch.flush_reason,
+        }
+        for frame, (ctx, _) in zip(frames, parents, strict=True):
+            wait = tracer.start_span(
+                SPAN_NAMES[BATCH_WAIT],
+                context=ctx,
+                attributes={**frame_attributes(frame.meta, BATCH_WAIT, group), **batch_info},
+                start_time=min(frame.prepared_ns, batch.dispatched_ns),
+            )
+            wait.end(end_time=batch.dispatched_ns)
+        links = [
+            Link(span_context, {FRAME_ID: bounded(meta.frame_id)})
+            for meta, (_, span_context) in zip(metas, parents, strict=True)
+            if span_context.is_valid
+        ]
+        started = time.time_ns()
+        span = tracer.start_span(
+            INFERENCE_BATCH_SPAN,
+            context=Context(),
+            links=links,
+            attributes={**batch_attributes(metas, INFERENCE), **batch_info, **model},
+            start_time=started,
+        )
+        batch_link = [Link(span.get_span_context(), {BATCH_ID: batch.batch_id})]
+        try:
+            results = infer(batch)
+        except Exception as exc:
+            ended = time.time_ns()
+            _error(span, "internal_error", f"inference failed: {type(exc).__name__}")
+            span.end(end_time=ended)
+            for meta, (ctx, _) in zip(metas, parents, strict=True):
+                step = tracer.start_span(
+                    SPAN_NAMES[INFERENCE],
+                    context=ctx,
+                    links=batch_link,
+                    attributes={**frame_attributes(meta, INFERENCE, group), **batch_info, **model},
+                    start_time=min(batch.dispatched_ns, ended),
+                )
+                _error(step, "internal_error", f"inference failed: {type(exc).__name__}")
+                step.end(end_time=ended)
+            raise
+        ended = time.time_ns()
+        described = _model_attributes(results[0] if results else None, model)
+        span.set_attributes(described)
+        span.set_attribute("streamsight.detections", sum(len(r.detections) for r in results))
+        span.end(end_time=ended)
+        same_order = len(results) == len(frames)
+        for index, result in enumerate(results):
+            if same_order and result.meta is metas[index]:
+                ctx = parents[index][0]
+            else:
+                ctx = extract(result.meta.trace_carrier)
+            step = tracer.start_span(
+                SPAN_NAMES[INFERENCE],
+                context=ctx,
+                links=batch_link,
+                attributes={
+                    **frame_attributes(result.meta, INFERENCE, group),
+                    **batch_info,
+                    **_model_attributes(result, model),
+                    "streamsight.detections": len(result.detections),
+                },
+                start_time=min(batch.dispatched_ns, result.inferred_ns),
+            )
+            step.end(end_time=result.inferred_ns)
+        return results
+
+    return run
+
+
+# Sink writes ------------------------------------------------------------------------------
+
+
+class _FrameWrites:
+    """The open sink-write spans of one write batch, by item."""
+
+    def __init__(self) -> None:
+        self.spans: dict[int, tuple[Span, str]] = {}
+
+    def carrier(self, item: object) -> dict[str, str]:
+        """Headers that continue the item's trace under its sink-write span."""
+        found = self.spans.get(id(item))
+        return carrier_of(found[0], found[1]) if found else {}
+
+    def skipped(self, item: object) -> None:
+        """The item was already stored: nothing written."""
+        found = self.spans.get(id(item))
+        if found:
+            found[0].set_attribute("streamsight.sink.outcome", "duplicate")
+
+    def failed(self, item: object, reason: str, detail: str) -> None:
+        """The item became a dead letter here."""
+        found = self.spans.get(id(item))
+        if found:
+            found[0].set_attribute("streamsight.sink.outcome", "dead_letter")
+            found[0].set_attribute("streamsight.dead_letter.reason", reason)
+            _error(found[0], reason, detail)
+
+
+def write_tracer(
+    tracing: Tracing, *, topic: str | None, store: str
+) -> Callable[[Sequence[Any]], Any] | None:
+    """The sinks' `trace_writes` hook: per item a `sink write` span (child of the frame's
+    context; error status for dead letters, with the reason), and a `sink write batch`
+    span linked to every item's context. `topic` is where the messages go (None when
+    nothing is published), `store` the database system. None when tracing is off."""
+    if not tracing.enabled:
+        return None
+    tracer = tracing.tracer
+    group = tracing.consumer_group
+    destination: Attributes = {"db.system.name": store}
+    if topic is not None:
+        destination.update(
+            {
+                "messaging.system": MESSAGING_SYSTEM,
+                "messaging.destination.name": bounded(topic),
+                "messaging.operation.type": "send",
+            }
+        )
+
+    def attributes_of(item: Any, ctx: Context) -> tuple[Attributes, str]:
+        if isinstance(item, FrameResult):
+            attributes = frame_attributes(item.meta, SINK, group)
+            attributes[BATCH_ID] = item.batch_id
+            attributes["streamsight.detections"] = len(item.detections)
+            job_id = item.meta.job_id
+        else:
+            attributes = _letter_attributes(item, ctx, SINK)
+            job_id = str(attributes[JOB_ID])
+        source = (
+            (item.meta.topic, item.meta.partition, item.meta.offset)
+            if isinstance(item, FrameResult)
+            else (item.topic, item.partition, item.offset)
+        )
+        attributes.pop("messaging.destination.partition.id", None)
+        attributes.pop("messaging.kafka.offset", None)
+        attributes.update(
+            {
+                "streamsight.source.topic": bounded(source[0]),
+                "streamsight.source.partition": source[1],
+                "streamsight.source.offset": source[2],
+            }
+        )
+        attributes.update(destination)
+        return attributes, job_id
+
+    @contextmanager
+    def trace_writes(items: Sequence[Any]) -> Iterator[_FrameWrites]:
+        started = time.time_ns()
+        writes = _FrameWrites()
+        links: list[Link] = []
+        jobs: list[str] = []
+        cameras: list[str] = []
+        for item in items:
+            carrier = (
+                item.meta.trace_carrier if isinstance(item, FrameResult) else item.trace_carrier
+            )
+            ctx, span_context = _span_context_of(carrier)
+            attributes, job_id = attributes_of(item, ctx)
+            jobs.append(job_id)
+            cameras.append(str(attributes[CAMERA]))
+            if span_context.is_valid:
+                links.append(Link(span_context, {FRAME_ID: str(attributes.get(FRAME_ID, ""))}))
+            span = tracer.start_span(
+                SPAN_NAMES[SINK],
+                context=ctx,
+                kind=SpanKind.PRODUCER,
+                attributes=attributes,
+                start_time=started,
+            )
+            if isinstance(item, DeadLetter):
+                span.set_attribute("streamsight.sink.outcome", "dead_letter")
+                _error(span, item.reason, item.detail)
+            else:
+                span.set_attribute("streamsight.sink.outcome", "written")
+            writes.spans[id(item)] = (span, job_id)
+        batch_span = tracer.start_span(
+            SINK_BATCH_SPAN,
+            context=Context(),
+            kind=SpanKind.PRODUCER,
+            links=links,
+            attributes={
+                STAGE: SINK,
+                SCOPE_ATTR: "batch",
+                JOB_ID: joined(jobs),
+                CAMERA: joined(cameras),
+                "messaging.batch.message_count": len(items),
+                **destination,
+            },
+            start_time=started,
+        )
+        failure: BaseException | None = None
+        try:
+            yield writes
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            ended = time.time_ns()
+            for span, _ in writes.spans.values():
+                if failure is not None:
+                    _error(span, "sink_error", type(failure).__name__)
+                span.end(end_time=ended)
+            if failure is not None:
+                _error(batch_span, "sink_error", type(failure).__name__)
+            batch_span.end(end_time=ended)
+
+    return trace_writes
