@@ -30,6 +30,7 @@ from flows.embedded import EmbeddedBroker
 from flows.settings import Settings
 from operators.evaluation import EvalReport, evaluate_detections
 from operators.kafka_io import CheckedProducer, producer_config
+from operators.metrics import Usage, read_usage
 from operators.scene import render_frame
 from operators.stores import detections_from_json, open_store
 from operators.tally import Tally
@@ -132,6 +133,8 @@ class Demo:
         self.settings = settings
         self.tally = tally
         self.tracing = tracing or Tracing.disabled()
+        self._usage_at: tuple[float, Usage | None] = (0.0, None)
+        self._usage_text = ""
         self.job_id = settings.demo_job_id or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
         self.per_camera = math.ceil(settings.demo_frames / settings.demo_cameras)
         self.total = self.per_camera * settings.demo_cameras
@@ -213,7 +216,33 @@ class Demo:
         return (
             f"{fps:6.1f} frames/s | batch {self.tally.mean_batch_size():4.1f}"
             f" | p95 {p95:5.0f} ms | dead letters {self.tally.dead_letters}"
+            f"{self._resources()}"
         )
+
+    def _resources(self) -> str:
+        """Lag, CPU per stage (share of one core) and GPU use over the last second."""
+        if not self.settings.metrics_enabled:
+            return ""
+        now = time.monotonic()
+        if self._usage_text and now - self._usage_at[0] < 1.0:
+            return self._usage_text
+        usage = read_usage()
+        before_at, before = self._usage_at
+        self._usage_at = (now, usage)
+        if before is None:
+            return self._usage_text
+        window = now - before_at
+        busiest = sorted(
+            (
+                (usage.stage_cpu_s[stage] - before.stage_cpu_s.get(stage, 0.0)) / window,
+                stage,
+            )
+            for stage in usage.stage_cpu_s
+        )[::-1][:3]
+        cpu = " ".join(f"{stage} {share:.0%}" for share, stage in busiest)
+        gpu = "" if usage.gpu_utilization is None else f" | gpu {usage.gpu_utilization:.0%}"
+        self._usage_text = f" | lag {usage.lag_records:.0f} | cpu {cpu}{gpu}"
+        return self._usage_text
 
     def _show_progress(self) -> None:
         if not self.console.is_terminal:

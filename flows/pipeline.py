@@ -19,6 +19,7 @@ from operators.batching import batch_logic_builder, stream_key
 from operators.decode import FrameLimits, prepare_frame
 from operators.frames import DeadLetter, FrameBatch, FrameResult, PreparedFrame
 from operators.ingest import error_to_dead_letter, to_raw_frame
+from operators.metrics import PipelineMetrics
 from operators.tracing import Tracing, traced_infer, traced_prepare, traced_source_error
 
 Infer = Callable[[FrameBatch], list[FrameResult]]
@@ -59,41 +60,50 @@ def build_flow(
     flow_id: str = "streamsight",
     tracing: Tracing | None = None,
     model: Mapping[str, str] | None = None,
+    metrics: PipelineMetrics | None = None,
 ) -> Dataflow:
     """Wire the stages into a Bytewax dataflow reading `source` and writing the two sinks.
 
     With `tracing`, the ingest, decode and inference stages are wrapped in per-frame and
     per-batch spans (`model` adds the model's attributes to the inference spans); the
-    sinks trace their writes through their own `trace_writes` hook.
+    sinks trace their writes through their own `trace_writes` hook. With `metrics`, each
+    stage's items, time and thread CPU time are measured, and batches and inference
+    recorded (the sinks are measured where they are built).
     """
     tracing = tracing or Tracing.disabled()
+
+    def measured(stage: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        return metrics.wrap(stage, fn) if metrics is not None else fn
+
     limits = FrameLimits(settings.max_frame_bytes, settings.max_pixels, input_size)
     flow = Dataflow(flow_id)
     messages = op.input("ingest", flow, source)
     received = op.branch("split_source_errors", messages, _is_message)
-    raw = op.map("to_raw_frame", received.trues, to_raw_frame)
+    raw = op.map("to_raw_frame", received.trues, measured("ingest", to_raw_frame))
     source_errors = op.map(
         "source_error_to_dead_letter",
         received.falses,
         traced_source_error(tracing, error_to_dead_letter),
     )
 
-    decoded = op.map("decode", raw, traced_prepare(tracing, partial(prepare_frame, limits=limits)))
+    prepare = traced_prepare(tracing, partial(prepare_frame, limits=limits))
+    decoded = op.map("decode", raw, measured("decode", prepare))
     prepared = op.branch("split_decode_errors", decoded, _is_prepared)
     keyed = op.key_on("stream_key", prepared.trues, partial(stream_key, by=settings.batch_key))
-    batches = op.stateful_batch(
-        "batch",
-        keyed,
-        batch_logic_builder(
-            settings.batch_max_size,
-            settings.batch_max_delay_ms / 1000.0,
-            partial(stream_key, by=settings.batch_key),
-        ),
+    builder = batch_logic_builder(
+        settings.batch_max_size,
+        settings.batch_max_delay_ms / 1000.0,
+        partial(stream_key, by=settings.batch_key),
     )
+    if metrics is not None:
+        builder = metrics.measured_batch_builder(builder, settings.batch_max_size)
+    batches = op.stateful_batch("batch", keyed, builder)
     unkeyed = op.key_rm("unkey", batches)
-    outcomes = op.flat_map(
-        "infer", unkeyed, partial(infer_or_dead_letter, traced_infer(tracing, infer, model))
-    )
+    run_batch = traced_infer(tracing, infer, model)
+    if metrics is not None:
+        device = (model or {}).get("streamsight.device", "cpu")
+        run_batch = metrics.wrap_inference(run_batch, device=device)
+    outcomes = op.flat_map("infer", unkeyed, partial(infer_or_dead_letter, run_batch))
     inferred = op.branch("split_infer_errors", outcomes, _is_result)
 
     op.output("sink", inferred.trues, results)

@@ -114,6 +114,22 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="seconds between recovery snapshots"
     )
 
+    # Metrics
+    metrics_enabled: bool = Field(default=True, description="serve Prometheus metrics")
+    metrics_port: int = Field(
+        default=9464, ge=1, le=65535, description="port of the /metrics endpoint"
+    )
+    metrics_addr: str = Field(default="0.0.0.0", description="address /metrics binds to")
+    metrics_max_jobs: int = Field(
+        default=20, ge=1, le=1000, description="job IDs tracked one by one; the rest are `other`"
+    )
+    lag_interval_s: float = Field(
+        default=5.0, gt=0, description="seconds between reads of the brokers' high watermarks"
+    )
+    gpu_sample_interval_s: float = Field(
+        default=1.0, gt=0, description="seconds between GPU (NVML) samples"
+    )
+
     # Demo (embedded broker)
     demo_frames: int = Field(default=1800, ge=0, description="frames the demo camera sends")
     demo_cameras: int = Field(default=4, ge=1, le=64, description="synthetic cameras")

@@ -8,17 +8,27 @@ with recovery on. Wiring only: settings -> stages -> `flow`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import TypeVar
+
+from bytewax.outputs import DynamicSink
 
 from flows.demo import Demo
 from flows.pipeline import build_flow
 from flows.recovery import enable_recovery
 from flows.settings import load_settings, parse_size
+from operators.frames import DeadLetter, FrameResult
+from operators.gpu import GpuSampler
 from operators.inference import shared_inferencer
 from operators.ingest import frame_source
 from operators.kafka_io import client_config, producer_config
+from operators.metrics import LagTracker, PipelineMetrics, pipeline_metrics, start_metrics_server
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.tally import Tally
 from operators.tracing import setup_tracing, write_tracer
+
+log = logging.getLogger("flows.video")
+T = TypeVar("T")
 
 settings = load_settings()
 logging.basicConfig(
@@ -37,6 +47,44 @@ else:
         settings.recovery_dir, settings.recovery_partitions, settings.snapshot_interval_s
     )
     bootstrap = settings.brokers or ""
+
+metrics: PipelineMetrics | None = None
+if settings.metrics_enabled:
+    metrics = pipeline_metrics(settings.metrics_max_jobs)
+    metrics.lag = LagTracker(
+        client_config(settings, bootstrap), interval_s=settings.lag_interval_s
+    ).start()
+    GpuSampler(interval_s=settings.gpu_sample_interval_s).start()
+    try:
+        start_metrics_server(settings.metrics_port, settings.metrics_addr)
+    except OSError as exc:
+        log.warning(
+            "metrics port %d unavailable (%s): this process serves no /metrics; "
+            "give each process on a host its own STREAMSIGHT_METRICS_PORT",
+            settings.metrics_port,
+            exc.strerror,
+        )
+
+results_observers = [tally.results_written] + ([metrics.results_written] if metrics else [])
+letters_observers = [tally.dead_letters_written] + ([metrics.letters_written] if metrics else [])
+
+
+def on_results(results: Sequence[FrameResult], duplicates: int, written_ns: int) -> None:
+    """Tell the tally and the metrics what the result sink stored."""
+    for observe in results_observers:
+        observe(results, duplicates, written_ns)
+
+
+def on_letters(letters: Sequence[DeadLetter]) -> None:
+    """Tell the tally and the metrics which dead letters were stored."""
+    for observe in letters_observers:
+        observe(letters)
+
+
+def measured_sink(sink: DynamicSink[T], stage: str, name: str) -> DynamicSink[T]:
+    """`sink` with its writes measured, when metrics are on."""
+    return metrics.measured_sink(sink, stage=stage, sink=name) if metrics else sink
+
 
 inferencer = shared_inferencer(
     settings.model_path,
@@ -60,28 +108,39 @@ flow = build_flow(
     ),
     infer=inferencer.infer,
     input_size=inferencer.detector.input_size,
-    results=ResultSink(
-        settings.sink,
-        producer,
-        output_topic=settings.output_topic,
-        dead_letter_topic=settings.dead_letter_topic,
-        publish=settings.publish_detections,
-        on_results=tally.results_written,
-        on_letters=tally.dead_letters_written,
-        trace_writes=write_tracer(
-            tracing,
-            topic=settings.output_topic if settings.publish_detections else None,
-            store=store_system,
+    results=measured_sink(
+        ResultSink(
+            settings.sink,
+            producer,
+            output_topic=settings.output_topic,
+            dead_letter_topic=settings.dead_letter_topic,
+            publish=settings.publish_detections,
+            on_results=on_results,
+            on_letters=on_letters,
+            trace_writes=write_tracer(
+                tracing,
+                topic=settings.output_topic if settings.publish_detections else None,
+                store=store_system,
+            ),
         ),
+        "sink",
+        "results",
     ),
-    dead_letters=DeadLetterSink(
-        settings.sink,
-        producer,
-        topic=settings.dead_letter_topic,
-        on_letters=tally.dead_letters_written,
-        trace_writes=write_tracer(tracing, topic=settings.dead_letter_topic, store=store_system),
+    dead_letters=measured_sink(
+        DeadLetterSink(
+            settings.sink,
+            producer,
+            topic=settings.dead_letter_topic,
+            on_letters=on_letters,
+            trace_writes=write_tracer(
+                tracing, topic=settings.dead_letter_topic, store=store_system
+            ),
+        ),
+        "dead_letter_sink",
+        "dead_letters",
     ),
     tracing=tracing,
+    metrics=metrics,
     model={
         "streamsight.model.name": inferencer.detector.name,
         "streamsight.model.version": inferencer.detector.version,

@@ -1,6 +1,6 @@
 """Ingest: Bytewax's KafkaSource, its messages as `RawFrame`s and its errors as dead letters.
 
-`BoundedKafkaSource` stops each partition at an end offset that becomes known while the
+`FrameKafkaSource` can stop each partition at an end offset that becomes known while the
 flow runs (the demo camera publishes concurrently and reports where it stopped).
 """
 
@@ -76,17 +76,39 @@ class _BoundedPartition(StatefulSourcePartition[Any, int | None]):
         self._inner.close()
 
 
-class BoundedKafkaSource(KafkaSource):
-    """A tailing KafkaSource whose partitions stop at `end_offsets()` once that is known."""
+class FrameKafkaSource(KafkaSource):
+    """Bytewax's KafkaSource with consumer-only settings and optional end offsets.
 
-    def __init__(self, brokers: list[str], topics: list[str], end_offsets: EndOffsets, **kw: Any):
-        super().__init__(brokers, topics, tail=True, **kw)
+    `consumer_config` reaches the partition consumers only (KafkaSource hands its
+    `add_config` to its admin client too, which warns about consumer properties). With
+    `end_offsets`, each partition stops once it reaches `end_offsets()[(topic, partition)]`
+    (as soon as that mapping is known; until then it tails).
+    """
+
+    def __init__(
+        self,
+        brokers: list[str],
+        topics: list[str],
+        *,
+        consumer_config: dict[str, Any],
+        end_offsets: EndOffsets | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(brokers, topics, **kw)
+        self._consumer_config = consumer_config
         self._end_offsets = end_offsets
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: int | None
     ) -> StatefulSourcePartition:
-        inner = super().build_part(step_id, for_part, resume_state)
+        shared = self._add_config
+        self._add_config = {**shared, **self._consumer_config}
+        try:
+            inner = super().build_part(step_id, for_part, resume_state)
+        finally:
+            self._add_config = shared
+        if self._end_offsets is None:
+            return inner
         idx, topic = for_part.split("-", 1)
         return _BoundedPartition(inner, topic, int(idx), self._end_offsets)
 
@@ -101,15 +123,14 @@ def frame_source(
     end_offsets: EndOffsets | None = None,
 ) -> KafkaSource:
     """The Kafka source of frames: tailing, stopping at the topic end, or bounded."""
-    consumer = {"fetch.wait.max.ms": FETCH_WAIT_MAX_MS}
-    consumer.update({k: v for k, v in client_config.items() if k != "bootstrap.servers"})
-    common: dict[str, Any] = {
-        "starting_offset": OFFSET_BEGINNING,
-        "add_config": consumer,
-        "batch_size": batch_size,
-        "raise_on_errors": False,
-    }
-    brokers = bootstrap.split(",")
-    if end_offsets is not None:
-        return BoundedKafkaSource(brokers, [topic], end_offsets, **common)
-    return KafkaSource(brokers, [topic], tail=tail, **common)
+    return FrameKafkaSource(
+        bootstrap.split(","),
+        [topic],
+        tail=tail or end_offsets is not None,
+        starting_offset=OFFSET_BEGINNING,
+        add_config={k: v for k, v in client_config.items() if k != "bootstrap.servers"},
+        consumer_config={"fetch.wait.max.ms": FETCH_WAIT_MAX_MS},
+        batch_size=batch_size,
+        raise_on_errors=False,
+        end_offsets=end_offsets,
+    )
