@@ -149,7 +149,7 @@ class GpuSampler(Collector):
 
         def mem(attr: str) -> float:
             if not memory:
-                memory.append(nvml.nvmlDeviceGetMemoryInfo(handle))
+                memory.append(_memory_info(nvml, handle))
             return getattr(memory[0], attr)
 
         read(f"{PREFIX}_gpu_utilization_ratio", lambda: util("gpu"))
@@ -271,3 +271,15 @@ class GpuSampler(Collector):
                 self._nvml.nvmlShutdown()
             except Exception as exc:
                 log.debug("nvmlShutdown: %s", exc)
+
+
+def _memory_info(nvml: Any, handle: Any) -> Any:
+    """Device memory as nvidia-smi reports it: the v2 query, whose `used` leaves out what
+    the driver reserves (the v1 query counts it as used); v1 where v2 is missing."""
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+        except (TypeError, getattr(nvml, "NVMLError", TypeError)):
+            pass
+    return nvml.nvmlDeviceGetMemoryInfo(handle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -85,3 +86,23 @@ def test_real_pynvml_on_this_machine_does_not_crash() -> None:
             assert not any(n.startswith("streamsight_gpu_") for n in names)
     finally:
         sampler.close()
+
+
+class FakeNvmlWithMemoryV2(FakeNvml):
+    """Fake NVML (stand-in for pynvml) with the v2 memory query, which reports what the
+    driver reserves apart from `used`, as nvidia-smi shows it."""
+
+    nvmlMemory_v2 = 0x02000028
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int, version: int | None = None) -> object:
+        if version == self.nvmlMemory_v2:
+            return SimpleNamespace(used=1024**3, reserved=512 * 1024**2, total=80 * 1024**3)
+        return SimpleNamespace(used=1024**3 + 512 * 1024**2, total=80 * 1024**3, free=0)
+
+
+def test_memory_used_leaves_out_driver_reserved_memory_like_nvidia_smi() -> None:
+    registry = CollectorRegistry()
+    sampler = GpuSampler(registry=registry, nvml=FakeNvmlWithMemoryV2(devices=1), torch_cuda=False)
+    assert sampler.init()
+    sampler.sample()
+    assert gpu_value(registry, "streamsight_gpu_memory_used_bytes", "0") == 1024**3
