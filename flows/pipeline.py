@@ -31,19 +31,11 @@ def infer_or_dead_letter(infer: Infer, batch: FrameBatch) -> list[FrameResult | 
         return list(infer(batch))
     except Exception as exc:  # a failing batch must not crash the dataflow
         return [
-            DeadLetter(
+            dl.reject_decoded(
+                frame.meta,
                 stage="infer",
                 reason=dl.INTERNAL_ERROR,
                 detail=f"inference failed: {type(exc).__name__}",
-                topic=frame.meta.topic,
-                partition=frame.meta.partition,
-                offset=frame.meta.offset,
-                key=frame.meta.camera.encode(),
-                headers=(),
-                payload=None,
-                frame_id=frame.meta.frame_id,
-                job_id=frame.meta.job_id,
-                trace_carrier=dict(frame.meta.trace_carrier),
             )
             for frame in batch.frames
         ]

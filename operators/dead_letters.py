@@ -7,7 +7,7 @@ short human sentence that never holds payload bytes or secrets.
 from __future__ import annotations
 
 from operators import contract
-from operators.frames import DeadLetter, RawFrame
+from operators.frames import DeadLetter, FrameMeta, RawFrame
 
 EMPTY = "empty"
 TOO_LARGE = "too_large"
@@ -67,6 +67,28 @@ def reject(
     )
 
 
+def reject_decoded(meta: FrameMeta, *, stage: str, reason: str, detail: str) -> DeadLetter:
+    """A dead letter for a frame already decoded, whose original bytes are no longer at
+    hand: it carries the frame's identity, source coordinates and trace context, and the
+    original message stays readable at those coordinates."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown dead-letter reason {reason!r}")
+    return DeadLetter(
+        stage=stage,
+        reason=reason,
+        detail=detail[:MAX_DETAIL],
+        topic=meta.topic,
+        partition=meta.partition,
+        offset=meta.offset,
+        key=meta.camera.encode(),
+        headers=tuple((k, v.encode()) for k, v in meta.trace_carrier.items()),
+        payload=None,
+        frame_id=meta.frame_id,
+        job_id=meta.job_id,
+        trace_carrier=dict(meta.trace_carrier),
+    )
+
+
 def dead_letter_headers(
     letter: DeadLetter, *, payload_omitted: str | None
 ) -> list[tuple[str, bytes]]:
@@ -97,6 +119,6 @@ def dead_letter_message(
     omitted = None
     if payload is not None and len(payload) > max_payload_bytes:
         payload, omitted = None, f"payload of {len(letter.payload or b'')} bytes exceeds the limit"
-    if letter.reason == DUPLICATE_FRAME_CONFLICT and payload is None:
+    if letter.payload is None and letter.stage != "decode" and letter.stage != "ingest":
         omitted = "read the original at the source coordinates"
     return letter.key, payload, dead_letter_headers(letter, payload_omitted=omitted)

@@ -89,21 +89,12 @@ def with_carrier(
 
 def conflict_letter(result: FrameResult, stored_sha: str) -> DeadLetter:
     """A frame whose identity was already stored with other content."""
-    meta = result.meta
-    return DeadLetter(
+    return dl.reject_decoded(
+        result.meta,
         stage=STAGE,
         reason=dl.DUPLICATE_FRAME_CONFLICT,
         detail=f"frame identity already stored with content {stored_sha[:12]}, "
-        f"this one is {meta.content_sha256[:12]}",
-        topic=meta.topic,
-        partition=meta.partition,
-        offset=meta.offset,
-        key=meta.camera.encode(),
-        headers=tuple((k, v.encode()) for k, v in meta.trace_carrier.items()),
-        payload=None,
-        frame_id=meta.frame_id,
-        job_id=meta.job_id,
-        trace_carrier=dict(meta.trace_carrier),
+        f"this one is {result.meta.content_sha256[:12]}",
     )
 
 
