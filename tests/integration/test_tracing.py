@@ -351,6 +351,9 @@ def test_sampled_traces_are_whole(
     assert all(s.parent_span_id == "" for s in spans if s.name.endswith("batch"))
 
 
+PLANTED_SECRET = "planted-trace-s3cret"
+
+
 def test_demo_flushes_its_spans_at_exit(tmp_path: Path, otlp_receiver: OtlpServer) -> None:
     env = {k: v for k, v in subprocess_env().items() if not k.startswith("OTEL_")}
     env.update(
@@ -363,6 +366,8 @@ def test_demo_flushes_its_spans_at_exit(tmp_path: Path, otlp_receiver: OtlpServe
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
             "OTEL_BSP_SCHEDULE_DELAY": "60000",  # nothing is exported before the exit flush
+            "STREAMSIGHT_SASL_PASSWORD": PLANTED_SECRET,
+            "STREAMSIGHT_SSL_KEY_PASSWORD": PLANTED_SECRET,
         }
     )
     proc = subprocess.run(
@@ -381,3 +386,8 @@ def test_demo_flushes_its_spans_at_exit(tmp_path: Path, otlp_receiver: OtlpServe
         stages = check_complete(trace)
         assert stages["send"].attributes["job.id"] == "demo-traced"
     assert all(s.resource["service.name"] == "streamsight" for s in spans)
+    # A password in the configuration reaches no span, resource or log line.
+    for span in spans:
+        values = [*span.attributes.values(), *span.resource.values()]
+        assert not any(PLANTED_SECRET in str(v) for v in values)
+    assert PLANTED_SECRET not in proc.stdout + proc.stderr
