@@ -6,8 +6,10 @@ configuration shows neither there nor in the logs."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from operators.kafka_io import high_watermarks
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 from tests.integration.test_prometheus import prometheus_server, require, wait_for
+from tests.metrics_data import free_port
 
 pytestmark = pytest.mark.integration
 PLANTED = "planted-Secr3t-value"
@@ -102,3 +105,64 @@ def test_prometheus_sees_every_frame_and_the_lag_of_the_running_flow(
         flow.kill()
         _, stderr = flow.communicate(timeout=30)
     assert PLANTED.encode() not in stderr
+
+
+def _cpu_sample(port: int) -> tuple[float, float, float] | None:
+    """(sum of stage CPU seconds, process CPU seconds, result rows) from /metrics."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    stages = re.findall(r"^streamsight_stage_cpu_seconds_total\{[^}]*\} (\S+)", text, re.M)
+    process = re.search(r"^process_cpu_seconds_total (\S+)", text, re.M)
+    rows = re.search(r'^streamsight_sink_rows_written_total\{sink="results"\} (\S+)', text, re.M)
+    if process is None or rows is None:
+        return None
+    return sum(float(v) for v in stages), float(process.group(1)), float(rows.group(1))
+
+
+def test_stage_cpu_seconds_account_for_the_process_cpu_in_a_busy_run(
+    kafka_bootstrap, kafka_config, create_topic, unique_topic, tmp_path: Path
+) -> None:
+    topic = unique_topic("frames")
+    create_topic(topic, 4)
+    fill_topic(kafka_config, topic, cameras=4, frames_per_camera=250, job_id="busy")
+    port = free_port()
+    env = subprocess_env(
+        STREAMSIGHT_BROKERS=kafka_bootstrap,
+        STREAMSIGHT_INPUT_TOPIC=topic,
+        STREAMSIGHT_OUTPUT_TOPIC=unique_topic("detections"),
+        STREAMSIGHT_DEAD_LETTER_TOPIC=unique_topic("dead"),
+        STREAMSIGHT_STOP_AT_END="true",
+        STREAMSIGHT_RECOVERY_DIR=str(tmp_path / "recovery"),
+        STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'sink.db'}",
+        STREAMSIGHT_METRICS_PORT=str(port),
+        STREAMSIGHT_METRICS_ADDR="127.0.0.1",
+        OTEL_SDK_DISABLED="true",
+    )
+    flow = subprocess.Popen(
+        [sys.executable, "-m", "bytewax.run", "flows.video"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = last = None
+    try:
+        # The window runs from 100 frames written (start-up done) to 800 (still busy).
+        while flow.poll() is None:
+            sample = _cpu_sample(port)
+            if sample is not None and first is None and sample[2] >= 100:
+                first = sample
+            if sample is not None and first is not None and sample[2] >= 800:
+                last = sample
+                break
+            time.sleep(0.05)
+    finally:
+        flow.kill()
+        flow.wait(timeout=30)
+    assert first is not None and last is not None, "the run ended before a busy window"
+    stage_cpu, process_cpu = last[0] - first[0], last[1] - first[1]
+    assert process_cpu > 0.5
+    assert abs(stage_cpu - process_cpu) <= 0.15 * process_cpu, (stage_cpu, process_cpu)
