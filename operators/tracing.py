@@ -191,8 +191,9 @@ class GuardedExporter(SpanExporter):
         if not self._warned:
             self._warned = True
             log.warning(
-                "spans could not be exported; dropping spans for %.0f s after each failure "
-                "(further failures are not logged)",
+                "spans could not be exported (no trace collector at OTEL_EXPORTER_OTLP_ENDPOINT?"
+                " OTEL_TRACES_EXPORTER=none turns tracing off); dropping spans for %.0f s after"
+                " each failure (further failures are not logged)",
                 self.cooldown_s,
             )
         return result
