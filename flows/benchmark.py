@@ -1,4 +1,6 @@
-"""Stage ceilings: `python -m flows.benchmark [--device auto] [--batch-sizes 1,8,16,32]`.
+"""Benchmarks: `python -m flows.benchmark [ceilings] [--device auto] [--batch-sizes 1,8,16]`
+for the stage ceilings, `python -m flows.benchmark pipeline [--quick]` for the pipeline
+against the naive loop and the compute-bound ceiling (see `flows.pipeline_bench`).
 
 Measures, on frames already in memory (no Kafka, no Bytewax): JPEG decode + resize per
 frame, the model alone per batch size, and decode + model together; prints a table and
@@ -10,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,39 +46,26 @@ def timed(work: Callable[[], object], *, min_seconds: float, device: torch.devic
             return (time.perf_counter() - started) / calls
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the measurements and print them."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--batch-sizes", default="1,4,8,16,32,64")
-    parser.add_argument("--frames", type=int, default=256, help="distinct frames in memory")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
-
-    detector = load_detector()
-    inferencer = Inferencer.create(detector, device=args.device, precision=args.precision)
+def stage_ceilings(
+    inferencer: Inferencer, jpegs: list[bytes], batch_sizes: list[int], seconds: float
+) -> dict[str, Any]:
+    """Decode + resize per frame and the model alone per batch size, frames in memory."""
     device = inferencer.device
-    jpegs = [f.jpeg for tick in synthetic_frames(4, args.frames // 4) for f in tick]
-    limits = FrameLimits(64 * 1024 * 1024, 100_000_000, detector.input_size)
+    limits = FrameLimits(64 * 1024 * 1024, 100_000_000, inferencer.detector.input_size)
     pixels = np.stack([decode_pixels(j, limits)[0] for j in jpegs])
-
     state = {"i": 0}
 
     def decode_one() -> None:
         decode_pixels(jpegs[state["i"] % len(jpegs)], limits)
         state["i"] += 1
 
-    decode_s = timed(decode_one, min_seconds=args.seconds, device=torch.device("cpu"))
+    decode_s = timed(decode_one, min_seconds=seconds, device=torch.device("cpu"))
     rows = []
-    for size in (int(s) for s in args.batch_sizes.split(",")):
+    for size in batch_sizes:
         batch = (
             pixels[:size] if size <= len(pixels) else np.resize(pixels, (size, *pixels.shape[1:]))
         )
-        model_s = timed(
-            lambda b=batch: inferencer.forward(b), min_seconds=args.seconds, device=device
-        )
+        model_s = timed(lambda b=batch: inferencer.forward(b), min_seconds=seconds, device=device)
         per_frame = model_s / size
         rows.append(
             {
@@ -84,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
                 "decode_plus_model_frames_per_s": 1.0 / (per_frame + decode_s),
             }
         )
+    detector = inferencer.detector
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    report = {
+    return {
         "device": str(device),
         "device_name": name or platform.machine(),
         "precision": str(inferencer.dtype).removeprefix("torch."),
@@ -97,6 +89,26 @@ def main(argv: list[str] | None = None) -> None:
         "decode_frames_per_s": 1.0 / decode_s,
         "batches": rows,
     }
+
+
+def ceilings_main(argv: list[str]) -> None:
+    """Measure the stage ceilings and print them."""
+    parser = argparse.ArgumentParser(description="Stage ceilings: frames in memory")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-sizes", default="1,4,8,16,32,64")
+    parser.add_argument("--frames", type=int, default=256, help="distinct frames in memory")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    detector = load_detector()
+    inferencer = Inferencer.create(detector, device=args.device, precision=args.precision)
+    jpegs = [f.jpeg for tick in synthetic_frames(4, args.frames // 4) for f in tick]
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    report = stage_ceilings(inferencer, jpegs, sizes, args.seconds)
+    rows = report["batches"]
+    decode_s = report["decode_ms_per_frame"] / 1e3
     table = Table(
         title=f"{report['model']} on {report['device']} ({report['device_name']}, "
         f"{report['precision']}); decode+resize {decode_s * 1e3:.2f} ms/frame"
@@ -113,6 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`ceilings` (the default) or `pipeline`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "pipeline":
+        from flows.pipeline_bench import main as pipeline_main
+
+        pipeline_main(args[1:])
+        return
+    if args and args[0] == "ceilings":
+        args = args[1:]
+    ceilings_main(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ out at every stage. Wiring only; the stages live in `operators/`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -15,6 +16,7 @@ from bytewax.outputs import Sink
 
 from flows.settings import Settings
 from operators import dead_letters as dl
+from operators.adaptive import AdaptiveBatching, AdaptiveBounds
 from operators.batching import batch_logic_builder, stream_key
 from operators.decode import FrameLimits, prepare_frame
 from operators.frames import DeadLetter, FrameBatch, FrameResult, PreparedFrame
@@ -39,6 +41,35 @@ def infer_or_dead_letter(infer: Infer, batch: FrameBatch) -> list[FrameResult | 
             )
             for frame in batch.frames
         ]
+
+
+def adaptive_controller(settings: Settings) -> AdaptiveBatching:
+    """The batch-size controller for `settings` (one per dataflow, shared by its workers)."""
+    return AdaptiveBatching(
+        AdaptiveBounds(
+            min_size=1,
+            max_size=settings.batch_adaptive_max_size,
+            max_delay_s=settings.batch_max_delay_ms / 1000.0,
+            latency_slo_s=settings.batch_latency_slo_ms / 1000.0,
+        )
+    )
+
+
+def observed_infer(controller: AdaptiveBatching, infer: Infer) -> Infer:
+    """`infer` with each batch's size, forward time and age (capture to dispatch) fed to
+    `controller`."""
+
+    def run(batch: FrameBatch) -> list[FrameResult]:
+        started = time.perf_counter()
+        results = infer(batch)
+        seconds = time.perf_counter() - started
+        first = batch.frames[0].meta.capture_ns if batch.frames else batch.dispatched_ns
+        controller.observe_inference(
+            len(batch.frames), seconds, wait_s=max(batch.dispatched_ns - first, 0) / 1e9
+        )
+        return results
+
+    return run
 
 
 def build_flow(
@@ -82,15 +113,20 @@ def build_flow(
     decoded = op.map("decode", raw, measured("decode", prepare))
     prepared = op.branch("split_decode_errors", decoded, _is_prepared)
     keyed = op.key_on("stream_key", prepared.trues, partial(stream_key, by=settings.batch_key))
+    controller = adaptive_controller(settings) if settings.batch_adaptive else None
+    max_size = settings.batch_adaptive_max_size if controller else settings.batch_max_size
     builder = batch_logic_builder(
-        settings.batch_max_size,
+        max_size,
         settings.batch_max_delay_ms / 1000.0,
         partial(stream_key, by=settings.batch_key),
+        controller=controller,
     )
     if metrics is not None:
-        builder = metrics.measured_batch_builder(builder, settings.batch_max_size)
+        builder = metrics.measured_batch_builder(builder, max_size)
     batches = op.stateful_batch("batch", keyed, builder)
     unkeyed = op.key_rm("unkey", batches)
+    if controller is not None:
+        infer = observed_infer(controller, infer)
     run_batch = traced_infer(tracing, infer, model)
     if metrics is not None:
         device = (model or {}).get("streamsight.device", "cpu")

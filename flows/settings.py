@@ -73,6 +73,16 @@ class Settings(BaseSettings):
         ge=0,
         description="longest a batch waits, counted from its first frame, before dispatch",
     )
+    batch_adaptive: bool = Field(
+        default=False,
+        description="pick each batch's size and delay online (bounded by the settings below)",
+    )
+    batch_adaptive_max_size: int = Field(
+        default=64, ge=1, le=4096, description="largest batch the adaptive controller may pick"
+    )
+    batch_latency_slo_ms: float = Field(
+        default=200.0, gt=0, description="latency the adaptive controller keeps batches within"
+    )
     batch_key: Literal["partition", "camera"] = Field(
         default="partition", description="stream key frames are batched by"
     )

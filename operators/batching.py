@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from bytewax.operators import StatefulBatchLogic
 
+from operators.adaptive import AdaptiveBatching
 from operators.frames import FrameBatch, PreparedFrame
 
 FLUSH_SIZE = "size"
@@ -98,16 +99,28 @@ BatchState = tuple[tuple[PreparedFrame, ...], int | None]
 class BatchLogic(StatefulBatchLogic[PreparedFrame, FrameBatch, BatchState]):
     """Bytewax adapter around `Batcher`; the state is (pending frames, opened_ns)."""
 
-    def __init__(self, batcher: Batcher, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        batcher: Batcher,
+        clock: Callable[[], int] = time.time_ns,
+        controller: AdaptiveBatching | None = None,
+    ) -> None:
         self.batcher = batcher
         self.clock = clock
+        self.controller = controller
 
     def _result(self, batches: list[FrameBatch]) -> tuple[list[FrameBatch], bool]:
         return batches, (self.DISCARD if not self.batcher.pending else self.RETAIN)
 
     def on_batch(self, values: list[PreparedFrame]) -> tuple[Iterable[FrameBatch], bool]:
-        """New frames for this key."""
-        return self._result(self.batcher.add(values, self.clock()))
+        """New frames for this key (with a controller, under the limits it picks now)."""
+        now = self.clock()
+        if self.controller is not None and values:
+            self.controller.observe_arrivals(self.batcher.key_of(values[0]), len(values), now)
+            limits = self.controller.limits(now)
+            self.batcher.max_size = limits.max_size
+            self.batcher.max_delay_ns = limits.max_delay_ns
+        return self._result(self.batcher.add(values, now))
 
     def on_notify(self) -> tuple[Iterable[FrameBatch], bool]:
         """The deadline of the pending batch has passed."""
@@ -136,13 +149,18 @@ def stream_key(frame: PreparedFrame, by: str = "partition") -> str:
 
 
 def batch_logic_builder(
-    max_size: int, max_delay_s: float, key_of: Callable[[PreparedFrame], str] = stream_key
+    max_size: int,
+    max_delay_s: float,
+    key_of: Callable[[PreparedFrame], str] = stream_key,
+    controller: AdaptiveBatching | None = None,
 ) -> Callable[[BatchState | None], BatchLogic]:
-    """A builder for `op.stateful_batch` with the given size and delay bounds."""
+    """A builder for `op.stateful_batch` with the given size and delay bounds; with a
+    `controller`, each key's bounds come from it as frames arrive."""
     max_delay_ns = int(max_delay_s * 1e9)
 
     def build(resume: BatchState | None) -> BatchLogic:
         pending, opened = resume if resume is not None else ((), None)
-        return BatchLogic(Batcher(key_of, max_size, max_delay_ns, pending, opened))
+        batcher = Batcher(key_of, max_size, max_delay_ns, pending, opened)
+        return BatchLogic(batcher, controller=controller)
 
     return build

@@ -97,20 +97,19 @@ class Inferencer:
         results = []
         for frame, rows in zip(batch.frames, raw, strict=True):
             meta = frame.meta
-            sx, sy = meta.width / in_w, meta.height / in_h
             kept = rows[rows[:, 4] >= self.score_threshold]
+            scale = np.array([meta.width / in_w, meta.height / in_h] * 2, dtype=np.float32)
+            limit = np.array([meta.width, meta.height] * 2, dtype=np.float32)
+            boxes = np.minimum(np.maximum(kept[:, :4] * scale, 0), limit).tolist()
             detections = tuple(
                 Detection(
-                    box=(
-                        float(np.clip(x1 * sx, 0, meta.width)),
-                        float(np.clip(y1 * sy, 0, meta.height)),
-                        float(np.clip(x2 * sx, 0, meta.width)),
-                        float(np.clip(y2 * sy, 0, meta.height)),
-                    ),
-                    label=classes[int(c)] if 0 <= int(c) < len(classes) else f"class_{int(c)}",
-                    score=round(float(score), 4),
+                    box=(x1, y1, x2, y2),
+                    label=classes[c] if 0 <= c < len(classes) else f"class_{c}",
+                    score=round(score, 4),
                 )
-                for x1, y1, x2, y2, score, c in kept
+                for (x1, y1, x2, y2), score, c in zip(
+                    boxes, kept[:, 4].tolist(), kept[:, 5].astype(np.int64).tolist(), strict=True
+                )
             )
             results.append(
                 FrameResult(

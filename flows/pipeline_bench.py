@@ -1,0 +1,699 @@
+"""The pipeline benchmark: `python -m flows.benchmark pipeline [--quick] [--out DIR]`.
+
+On the embedded broker, with synthetic frames rendered once and re-published, it measures
+the dataflow at saturation (a topic filled before the flow starts) and at paced offered
+loads, the naive consume-decode-infer-produce loop a user would write first, and the
+compute-bound ceiling (decode + preprocess + model on frames in memory). It prints a
+table, writes `pipeline.json` and PNG plots to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from bytewax.testing import run_main
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from PIL import Image
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.table import Table
+
+from flows.camera import OutgoingFrame, camera_id, publish, synthetic_frames
+from flows.embedded import EmbeddedBroker
+from flows.pipeline import build_flow
+from flows.settings import Settings
+from operators.decode import FrameLimits, decode_pixels
+from operators.detector import load_detector
+from operators.frames import FrameResult
+from operators.inference import Inferencer
+from operators.ingest import frame_source
+from operators.kafka_io import CheckedProducer, client_config, producer_config
+from operators.metrics import PipelineMetrics
+from operators.sinks import DeadLetterSink, ResultSink
+from operators.tracing import Tracing, setup_tracing, write_tracer
+
+TARGETS = {
+    "pipeline_over_ceiling": 0.85,
+    "pipeline_over_naive": 3.0,
+    "telemetry_on_over_off": 0.95,
+    "adaptive_over_best_fixed": 0.95,
+    "rss_100k_over_10k": 1.10,
+}
+CAMERAS = 4
+
+
+class DropExporter(SpanExporter):
+    """A span exporter that accepts and discards every span (tracing cost without I/O)."""
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        """Drop `spans`."""
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+
+@dataclass
+class RunResult:
+    """One dataflow run: frames written and per-frame timestamps."""
+
+    frames: int
+    seconds: float
+    cpu_util: float
+    fps: float
+    latency_ms: dict[str, float]
+    mean_batch: float
+    peak_rss_mb: float
+    gpu_utilisation: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form."""
+        return {
+            "frames": self.frames,
+            "seconds": round(self.seconds, 3),
+            "frames_per_s": round(self.fps, 1),
+            "cpu_utilisation": round(self.cpu_util, 3),
+            "latency_ms": {k: round(v, 1) for k, v in self.latency_ms.items()},
+            "mean_batch": round(self.mean_batch, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "gpu_utilisation": self.gpu_utilisation,
+        }
+
+
+class GpuUtilisation:
+    """Samples the GPU's utilisation (percent, via NVML) in a thread while it runs."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # no NVML: no figure
+                return
+
+    def __enter__(self) -> GpuUtilisation:
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        """Mean utilisation over the samples, or None without any."""
+        return round(statistics.fmean(self.samples), 1) if self.samples else None
+
+
+@dataclass
+class _Collected:
+    rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, results: Sequence[FrameResult], duplicates: int, written_ns: int) -> None:
+        with self.lock:
+            self.rows.extend(
+                (r.meta.capture_ns, r.meta.ingest_ns, written_ns, r.batch_size) for r in results
+            )
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50 and p99 of `values` (NaN when empty)."""
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan")}
+    p50, p99 = np.percentile(np.asarray(values), [50, 99])
+    return {"p50": float(p50), "p99": float(p99)}
+
+
+class Bench:
+    """The broker, the model and the frames shared by every measurement."""
+
+    def __init__(self, workdir: Path, distinct_frames: int) -> None:
+        self.workdir = workdir
+        self.broker = EmbeddedBroker()
+        self.inferencer = Inferencer.create(load_detector(), device="auto")
+        per_camera = max(distinct_frames // CAMERAS, 1)
+        self.jpegs = [f.jpeg for tick in synthetic_frames(CAMERAS, per_camera) for f in tick]
+        self.settings = Settings(progress=False, metrics_enabled=False)
+        self._ids = itertools.count()
+
+    @property
+    def bootstrap(self) -> str:
+        """The embedded broker's address."""
+        return self.broker.bootstrap
+
+    def topic(self, name: str) -> str:
+        """A fresh topic with one partition per camera."""
+        topic = f"{name}-{next(self._ids)}"
+        self.broker.create_topic(topic, CAMERAS)
+        return topic
+
+    def ticks(self, frames: int) -> Iterator[list[OutgoingFrame]]:
+        """`frames` frames (rounded up to whole ticks) re-using the rendered JPEGs; the
+        capture time is stamped when a tick is taken."""
+        for seq in range(-(-frames // CAMERAS)):
+            now_ms = time.time() * 1000.0
+            yield [
+                OutgoingFrame(
+                    camera_id(i), seq, self.jpegs[(seq * CAMERAS + i) % len(self.jpegs)], now_ms
+                )
+                for i in range(CAMERAS)
+            ]
+
+    def publish(
+        self, topic: str, frames: int, fps: float = 0.0, job: str = "bench"
+    ) -> dict[tuple[str, int], int]:
+        """Publish frames (paced at `fps` frames/s over all cameras; 0 = unpaced); the
+        end offset of each partition."""
+        producer = CheckedProducer(
+            producer_config(self.settings, bootstrap=self.bootstrap, client_id="bench-camera")
+        )
+        try:
+            report = publish(
+                producer,
+                topic,
+                self.ticks(frames),
+                job_id=job,
+                fps=fps / CAMERAS,
+                partitions=CAMERAS,
+            )
+        finally:
+            producer.close()
+        return dict(report.end_offsets)
+
+    def run_flow(
+        self,
+        settings: Settings,
+        topic: str,
+        *,
+        telemetry: bool = False,
+        end_offsets: Callable[[], dict[tuple[str, int], int] | None] | None = None,
+        skip_before_ns: int = 0,
+    ) -> RunResult:
+        """Run the dataflow over `topic` to its end (or to `end_offsets` once known)."""
+        collected = _Collected()
+        n = next(self._ids)
+        out, dlq = f"bench-out-{n}", f"bench-dlq-{n}"
+        for name in (out, dlq):
+            self.broker.create_topic(name, CAMERAS)
+        url = f"sqlite:///{self.workdir / f'run-{n}.db'}"
+        tracing = (
+            setup_tracing(exporter=DropExporter(), flush_at_exit=False)
+            if telemetry
+            else Tracing.disabled()
+        )
+        metrics = PipelineMetrics(CollectorRegistry()) if telemetry else None
+        observers: list[Callable[[Sequence[FrameResult], int, int], None]] = [collected]
+        if metrics is not None:
+            observers.append(metrics.results_written)
+
+        def on_results(results: Sequence[FrameResult], duplicates: int, written_ns: int) -> None:
+            for observe in observers:
+                observe(results, duplicates, written_ns)
+
+        producer = producer_config(settings, bootstrap=self.bootstrap, client_id="bench-sink")
+        results: Any = ResultSink(
+            url,
+            producer,
+            output_topic=out,
+            dead_letter_topic=dlq,
+            on_results=on_results,
+            trace_writes=write_tracer(tracing, topic=out, store="sqlite"),
+        )
+        if metrics is not None:
+            results = metrics.measured_sink(results, stage="sink", sink="results")
+        inferencer = self.inferencer
+        flow = build_flow(
+            settings,
+            source=frame_source(
+                self.bootstrap,
+                topic,
+                client_config=client_config(settings, self.bootstrap),
+                batch_size=settings.fetch_batch_size,
+                tail=False,
+                end_offsets=end_offsets,
+            ),
+            infer=inferencer.infer,
+            input_size=inferencer.detector.input_size,
+            results=results,
+            dead_letters=DeadLetterSink(url, producer, topic=dlq),
+            tracing=tracing,
+            metrics=metrics,
+            model={"streamsight.device": inferencer.device_name},
+        )
+        cpu0, wall0 = _cpu_s(), time.perf_counter()
+        with GpuUtilisation() as gpu:
+            run_main(flow)
+        wall = time.perf_counter() - wall0
+        cpu = _cpu_s() - cpu0
+        tracing.flush()
+        rows = collected.rows
+        if not rows:
+            raise RuntimeError("the dataflow wrote nothing")
+        first_in = min(r[1] for r in rows)
+        last_out = max(r[2] for r in rows)
+        seconds = max((last_out - first_in) / 1e9, 1e-9)
+        latency = [(r[2] - r[0]) / 1e6 for r in rows if r[0] >= skip_before_ns]
+        return RunResult(
+            frames=len(rows),
+            seconds=seconds,
+            cpu_util=cpu / wall / (os.cpu_count() or 1),
+            fps=len(rows) / seconds,
+            latency_ms=percentiles(latency),
+            mean_batch=len(rows) / sum(1.0 / r[3] for r in rows),
+            peak_rss_mb=peak_rss_mb(),
+            gpu_utilisation=gpu.mean,
+        )
+
+    def saturation(self, settings: Settings, frames: int, *, telemetry: bool = False) -> RunResult:
+        """Frames/s over a topic filled before the flow starts."""
+        topic = self.topic("bench-sat")
+        self.publish(topic, frames)
+        return self.run_flow(settings, topic, telemetry=telemetry)
+
+    def paced(self, settings: Settings, fps: float, seconds: float) -> RunResult:
+        """Latency at `fps` offered frames/s for `seconds`, the flow tailing the topic
+        while a producer thread publishes; the first second is left out as warm-up."""
+        topic = self.topic("bench-paced")
+        ends: dict[str, dict[tuple[str, int], int]] = {}
+        start_ns = time.time_ns()
+
+        def produce() -> None:
+            ends["ends"] = self.publish(topic, max(int(fps * seconds), CAMERAS), fps=fps)
+
+        producer = threading.Thread(target=produce, name="bench-camera", daemon=True)
+        producer.start()
+        result = self.run_flow(
+            settings,
+            topic,
+            end_offsets=lambda: ends.get("ends"),
+            skip_before_ns=start_ns + 1_000_000_000,
+        )
+        producer.join()
+        return result
+
+    def naive(self, frames: int) -> dict[str, Any]:
+        """The loop a user writes first: consume, decode with Pillow, run the model on one
+        frame, produce the result as JSON; frames/s from first message to last delivered."""
+        topic = self.topic("bench-naive")
+        ends = self.publish(topic, frames)
+        out = self.topic("bench-naive-out")
+        detector = self.inferencer.detector
+        width, height = detector.input_size
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": "naive",
+                "enable.auto.commit": False,
+            }
+        )
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(CAMERAS)])
+        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        remaining = sum(ends.values())
+        done = 0
+        cpu0, wall0 = _cpu_s(), time.perf_counter()
+        started: float | None = None
+        while done < remaining:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error():
+                continue
+            if started is None:
+                started = time.perf_counter()
+            image = Image.open(io.BytesIO(msg.value())).convert("RGB")
+            sx, sy = image.width / width, image.height / height
+            pixels = np.array(image.resize((width, height)))[None]
+            raw = self.inferencer.forward(pixels)[0]
+            kept = raw[raw[:, 4] >= self.inferencer.score_threshold]
+            body = {
+                "topic": msg.topic(),
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+                "detections": [
+                    {
+                        "box": [float(x1 * sx), float(y1 * sy), float(x2 * sx), float(y2 * sy)],
+                        "label": detector.classes[int(c)],
+                        "score": round(float(s), 4),
+                    }
+                    for x1, y1, x2, y2, s, c in kept
+                ],
+            }
+            producer.produce(out, json.dumps(body).encode(), key=msg.key())
+            producer.poll(0)
+            done += 1
+        producer.flush(30)
+        wall = time.perf_counter() - wall0
+        seconds = time.perf_counter() - (started or wall0)
+        cpu = _cpu_s() - cpu0
+        consumer.close()
+        return {
+            "frames": done,
+            "seconds": round(seconds, 3),
+            "frames_per_s": round(done / seconds, 1),
+            "cpu_utilisation": round(cpu / wall / (os.cpu_count() or 1), 3),
+        }
+
+    def compute_ceiling(self, batch_size: int, seconds: float) -> float:
+        """Frames/s of decode + preprocess + model at `batch_size` on frames in memory."""
+        limits = FrameLimits(64 * 1024 * 1024, 100_000_000, self.inferencer.detector.input_size)
+        jpegs = self.jpegs
+        position = 0
+        frames = 0
+        started = time.perf_counter()
+        warm = True
+        while True:
+            chunk = [jpegs[(position + i) % len(jpegs)] for i in range(batch_size)]
+            position += batch_size
+            pixels = np.stack([decode_pixels(j, limits)[0] for j in chunk])
+            self.inferencer.forward(pixels)
+            if warm:
+                warm, started = False, time.perf_counter()
+                continue
+            frames += batch_size
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds and frames >= 4 * batch_size:
+                return frames / elapsed
+
+
+def _twice(measure: Callable[[], float]) -> dict[str, float]:
+    """Two readings of `measure`, their mean and their spread (max - min) / mean."""
+    values = [measure(), measure()]
+    mean = statistics.fmean(values)
+    return {
+        "runs": [round(v, 1) for v in values],
+        "mean": round(mean, 1),
+        "spread": round((max(values) - min(values)) / mean, 3) if mean else 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure."""
+
+    saturation_frames: int
+    naive_frames: int
+    paced_seconds: float
+    ceiling_seconds: float
+    batch_sizes: tuple[int, ...]
+    delays_ms: tuple[float, ...]
+    loads: tuple[float, ...]
+    distinct_frames: int
+
+
+FULL = Plan(
+    2400, 600, 6.0, 2.0, (1, 4, 16, 64), (0.0, 10.0, 50.0, 100.0), (0.2, 0.5, 0.7, 0.9), 256
+)
+QUICK = Plan(96, 32, 1.5, 0.2, (1, 16), (0.0, 50.0), (0.3, 0.7), 16)
+
+
+def run(plan: Plan, out: Path, console: Console) -> dict[str, Any]:
+    """Every measurement of the plan; the report as a dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="streamsight-bench-") as tmp:
+        bench = Bench(Path(tmp), plan.distinct_frames)
+        try:
+            return _measure(bench, plan, out, console)
+        finally:
+            bench.broker.close()
+
+
+def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str, Any]:
+    base = Settings(progress=False, metrics_enabled=False)
+    default_size = base.batch_max_size
+
+    def fixed(size: int, delay_ms: float) -> Settings:
+        return base.model_copy(update={"batch_max_size": size, "batch_max_delay_ms": delay_ms})
+
+    adaptive = base.model_copy(update={"batch_adaptive": True})
+    log = console.log
+    log("saturation, default settings, telemetry off (twice)")
+    sat_runs = [bench.saturation(base, plan.saturation_frames) for _ in range(2)]
+    capacity = statistics.fmean(r.fps for r in sat_runs)
+    log("saturation, telemetry on (twice)")
+    tel_runs = [bench.saturation(base, plan.saturation_frames, telemetry=True) for _ in range(2)]
+    log("naive loop (twice)")
+    naive_runs = [bench.naive(plan.naive_frames) for _ in range(2)]
+    log("compute-bound ceiling (twice)")
+    ceiling = _twice(lambda: bench.compute_ceiling(default_size, plan.ceiling_seconds))
+    log("stage ceilings")
+    from flows.benchmark import stage_ceilings
+
+    stages = stage_ceilings(
+        bench.inferencer,
+        bench.jpegs,
+        sorted({1, default_size, *plan.batch_sizes}),
+        plan.ceiling_seconds,
+    )
+
+    log("throughput vs batch size (saturation)")
+    by_size: dict[int, RunResult] = {default_size: sat_runs[0]}
+    for size in plan.batch_sizes:
+        if size not in by_size:
+            by_size[size] = bench.saturation(fixed(size, 50.0), plan.saturation_frames)
+    log("adaptive at saturation")
+    adaptive_sat = bench.saturation(adaptive, plan.saturation_frames)
+
+    rate = 0.7 * capacity
+    log(f"latency vs batch size at {rate:.0f} frames/s")
+    lat_size = {
+        size: bench.paced(fixed(size, 50.0), rate, plan.paced_seconds) for size in plan.batch_sizes
+    }
+    log(f"latency vs max delay at {rate:.0f} frames/s")
+    lat_delay = {
+        d: bench.paced(fixed(default_size, d), rate, plan.paced_seconds) for d in plan.delays_ms
+    }
+    log("latency vs offered load")
+    by_load = {load: bench.paced(base, load * capacity, plan.paced_seconds) for load in plan.loads}
+    low = min(plan.loads)
+    log("adaptive at low load and at 70%")
+    adaptive_low = bench.paced(adaptive, low * capacity, plan.paced_seconds)
+    adaptive_mid = bench.paced(adaptive, rate, plan.paced_seconds)
+    log("batch 1, no delay, at low load")
+    unbatched_low = bench.paced(fixed(1, 0.0), low * capacity, plan.paced_seconds)
+    at_rate = lat_delay.get(base.batch_max_delay_ms) or lat_size.get(default_size) or by_load[low]
+
+    naive_fps = statistics.fmean(r["frames_per_s"] for r in naive_runs)
+    tel_fps = statistics.fmean(r.fps for r in tel_runs)
+    best_fixed_sat = max(r.fps for r in by_size.values())
+    best_fixed_low = min(by_load[low].latency_ms["p99"], unbatched_low.latency_ms["p99"])
+    report: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "device": bench.inferencer.device_name,
+            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "batch_max_size": default_size,
+            "batch_max_delay_ms": base.batch_max_delay_ms,
+            "fetch_batch_size": base.fetch_batch_size,
+            "partitions": CAMERAS,
+        },
+        "pipeline": {
+            "saturation": [r.as_dict() for r in sat_runs],
+            "frames_per_s": round(capacity, 1),
+            "spread": round(_spread([r.fps for r in sat_runs]), 3),
+            "telemetry_on": [r.as_dict() for r in tel_runs],
+            "offered_fps": round(rate, 1),
+            "latency_at_70pct": at_rate.as_dict(),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        },
+        "naive": {"runs": naive_runs, "frames_per_s": round(naive_fps, 1)},
+        "ceilings": {"compute_bound_frames_per_s": ceiling, "stages": stages},
+        "sweeps": {
+            "batch_size_saturation": {str(k): v.as_dict() for k, v in sorted(by_size.items())},
+            "batch_size_latency": {str(k): v.as_dict() for k, v in lat_size.items()},
+            "max_delay_latency": {str(k): v.as_dict() for k, v in lat_delay.items()},
+            "offered_load": {str(k): v.as_dict() for k, v in by_load.items()},
+        },
+        "adaptive": {
+            "saturation": adaptive_sat.as_dict(),
+            "low_load": adaptive_low.as_dict(),
+            "low_load_fixed": {
+                "default": by_load[low].as_dict(),
+                "batch_1": unbatched_low.as_dict(),
+            },
+            "at_70pct": adaptive_mid.as_dict(),
+            "over_best_fixed_saturation": round(adaptive_sat.fps / best_fixed_sat, 3),
+            "low_load_p99_ms_best_fixed": round(best_fixed_low, 1),
+            "low_load_p99_over_adaptive": round(
+                best_fixed_low / max(adaptive_low.latency_ms["p99"], 1e-9), 3
+            ),
+        },
+        "ratios": {
+            "pipeline_over_naive": round(capacity / naive_fps, 3),
+            "pipeline_over_ceiling": round(capacity / ceiling["mean"], 3),
+            "telemetry_on_over_off": round(tel_fps / capacity, 3),
+            "adaptive_over_best_fixed": round(adaptive_sat.fps / best_fixed_sat, 3),
+        },
+        "targets": TARGETS,
+    }
+    _print(report, console)
+    (out / "pipeline.json").write_text(json.dumps(report, indent=2))
+    report["plots"] = plot(report, out)
+    return report
+
+
+def _spread(values: Sequence[float]) -> float:
+    mean = statistics.fmean(values)
+    return (max(values) - min(values)) / mean if mean else 0.0
+
+
+def _print(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"streamsight pipeline benchmark on {report['machine']['device']}")
+    for column in ("measure", "value", "target"):
+        table.add_column(column)
+    p = report["pipeline"]
+    r = report["ratios"]
+    t = report["targets"]
+    sat = ", ".join(f"{x['frames_per_s']:.0f}" for x in p["saturation"])
+    tel = ", ".join(f"{x['frames_per_s']:.0f}" for x in p["telemetry_on"])
+    naive = ", ".join(f"{x['frames_per_s']:.0f}" for x in report["naive"]["runs"])
+    ceiling = report["ceilings"]["compute_bound_frames_per_s"]
+    lat = p["latency_at_70pct"]
+    rows = [
+        ("pipeline at saturation, frames/s", f"{p['frames_per_s']:.0f} ({sat})", ""),
+        ("CPU utilisation", f"{p['saturation'][0]['cpu_utilisation']:.0%}", ""),
+        ("peak RSS", f"{p['peak_rss_mb']:.0f} MiB", ""),
+        (
+            f"latency at {p['offered_fps']:.0f} frames/s",
+            f"p50 {lat['latency_ms']['p50']:.0f} ms, p99 {lat['latency_ms']['p99']:.0f} ms",
+            "",
+        ),
+        ("naive loop, frames/s", f"{report['naive']['frames_per_s']:.0f} ({naive})", ""),
+        ("compute-bound ceiling, frames/s", f"{ceiling['mean']:.0f} {ceiling['runs']}", ""),
+        ("telemetry on, frames/s", tel, ""),
+        ("pipeline / naive", f"{r['pipeline_over_naive']:.2f}", f">= {t['pipeline_over_naive']}"),
+        (
+            "pipeline / ceiling",
+            f"{r['pipeline_over_ceiling']:.2f}",
+            f">= {t['pipeline_over_ceiling']}",
+        ),
+        (
+            "telemetry on / off",
+            f"{r['telemetry_on_over_off']:.2f}",
+            f">= {t['telemetry_on_over_off']}",
+        ),
+        (
+            "adaptive / best fixed (saturation)",
+            f"{r['adaptive_over_best_fixed']:.2f}",
+            f">= {t['adaptive_over_best_fixed']}",
+        ),
+        (
+            "adaptive low load p99 (best fixed)",
+            f"{report['adaptive']['low_load']['latency_ms']['p99']:.0f} ms "
+            f"({report['adaptive']['low_load_p99_ms_best_fixed']:.0f} ms)",
+            "",
+        ),
+    ]
+    for size, row in report["sweeps"]["batch_size_saturation"].items():
+        rows.append((f"saturation, batch {size}", f"{row['frames_per_s']:.0f} frames/s", ""))
+    for name in ("batch_size_latency", "max_delay_latency", "offered_load"):
+        for key, row in report["sweeps"][name].items():
+            lm = row["latency_ms"]
+            rows.append(
+                (
+                    f"{name} {key}",
+                    f"p50 {lm['p50']:.0f} / p99 {lm['p99']:.0f} ms, batch {row['mean_batch']:.1f}",
+                    "",
+                )
+            )
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def plot(report: dict[str, Any], out: Path) -> list[str]:
+    """Throughput and latency vs batch size and max delay, latency vs offered load."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = report["sweeps"]
+    written = []
+
+    def latency_lines(ax: Any, data: dict[str, Any], xs: list[float]) -> None:
+        for q in ("p50", "p99"):
+            ax.plot(xs, [data[k]["latency_ms"][q] for k in data], marker="o", label=q)
+        ax.set_ylabel("latency capture->sink (ms)")
+        ax.legend()
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    sat = sweeps["batch_size_saturation"]
+    ax1.plot([int(k) for k in sat], [v["frames_per_s"] for v in sat.values()], marker="o")
+    ax1.axhline(report["ceilings"]["compute_bound_frames_per_s"]["mean"], ls="--", c="gray")
+    ax1.set(xscale="log", xlabel="batch max size", ylabel="frames/s at saturation")
+    lat = sweeps["batch_size_latency"]
+    latency_lines(ax2, lat, [int(k) for k in lat])
+    ax2.set(xscale="log", xlabel=f"batch max size ({report['pipeline']['offered_fps']} frames/s)")
+    fig.tight_layout()
+    fig.savefig(out / "batch_size.png", dpi=90)
+    written.append(str(out / "batch_size.png"))
+
+    for name, data, xlabel in (
+        ("max_delay.png", sweeps["max_delay_latency"], "batch max delay (ms)"),
+        ("offered_load.png", sweeps["offered_load"], "offered load (share of capacity)"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        latency_lines(ax, data, [float(k) for k in data])
+        ax.set_xlabel(xlabel)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        written.append(str(out / name))
+    plt.close("all")
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the pipeline benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for tests")
+    parser.add_argument("--out", type=Path, default=Path(".streamsight/benchmark"))
+    parser.add_argument("--frames", type=int, help="frames per saturation run")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.frames:
+        plan = replace(
+            plan,
+            saturation_frames=args.frames,
+            naive_frames=max(plan.naive_frames, args.frames // 4),
+        )
+    return run(plan, args.out, Console(stderr=True))

@@ -1,0 +1,169 @@
+"""Adaptive batching: an online controller that picks each batch's size and delay bounds.
+
+The controller learns the model's cost per batch, `t(b) = fixed + per_frame * b` (least
+squares over exponentially weighted observations), and the arrival rate of frames. It
+picks the smallest batch size that keeps the model's utilisation under `target_load`
+(small batches: low latency while the model keeps up), growing toward the largest size
+whose forward pass fits the latency SLO when the load is high (large batches: the most
+frames per second). The delay bound is the time the batch needs to fill at the observed
+rate, capped so that waiting plus the forward pass stays within the SLO; with no need to
+wait, it is zero and a batch holds whatever arrived together. When frames reach the batch
+already older than half the SLO (a backlog), it takes the largest size the SLO allows.
+
+Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
+the worker threads of a process.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveBounds:
+    """What the controller may choose and what it aims for."""
+
+    min_size: int = 1
+    max_size: int = 64
+    max_delay_s: float = 0.05
+    latency_slo_s: float = 0.2
+    target_load: float = 0.8
+    decay: float = 0.9
+    rate_window_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_size <= self.max_size:
+            raise ValueError("need 1 <= min_size <= max_size")
+        if self.max_delay_s < 0 or self.latency_slo_s <= 0:
+            raise ValueError("max_delay_s must be >= 0 and latency_slo_s > 0")
+        if not 0 < self.target_load < 1 or not 0 < self.decay < 1:
+            raise ValueError("target_load and decay must be in (0, 1)")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """The bounds for the next batch: flush at `max_size` frames or after `max_delay_ns`."""
+
+    max_size: int
+    max_delay_ns: int
+
+
+class AdaptiveBatching:
+    """Chooses batch limits from observed inference cost and arrival rate."""
+
+    def __init__(self, bounds: AdaptiveBounds) -> None:
+        self.bounds = bounds
+        self._lock = threading.Lock()
+        # Weighted sums for the least-squares fit of seconds = fixed + per_frame * size.
+        self._w = self._wx = self._wy = self._wxx = self._wxy = 0.0
+        self._sizes: set[int] = set()
+        self._rate = 0.0
+        self._window_start: int | None = None
+        self._window_frames = 0
+        self._keys: dict[str, int] = {}
+        self._wait_s = 0.0
+        self._limits = BatchLimits(bounds.min_size, 0)
+
+    # Observations ---------------------------------------------------------------------
+
+    def observe_arrivals(self, key: str, frames: int, now_ns: int) -> None:
+        """`frames` frames of stream `key` reached the batcher at `now_ns`."""
+        with self._lock:
+            self._keys[key] = now_ns
+            if self._window_start is None:
+                self._window_start = now_ns
+            self._window_frames += frames
+            elapsed = (now_ns - self._window_start) / 1e9
+            if elapsed >= self.bounds.rate_window_s:
+                rate = self._window_frames / elapsed
+                self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+                self._window_start, self._window_frames = now_ns, 0
+                self._update()
+
+    def observe_inference(self, size: int, seconds: float, wait_s: float = 0.0) -> None:
+        """A forward pass over `size` frames took `seconds`; its first frame was `wait_s`
+        old (since capture) when the batch was dispatched."""
+        if size < 1 or seconds < 0:
+            return
+        d = self.bounds.decay
+        with self._lock:
+            self._w = d * self._w + 1.0
+            self._wx = d * self._wx + size
+            self._wy = d * self._wy + seconds
+            self._wxx = d * self._wxx + size * size
+            self._wxy = d * self._wxy + size * seconds
+            self._sizes.add(size)
+            self._wait_s = 0.8 * self._wait_s + 0.2 * wait_s if self._wait_s else wait_s
+            self._update()
+
+    # Model ----------------------------------------------------------------------------
+
+    def cost_s(self, size: int) -> float | None:
+        """Estimated seconds of one forward pass over `size` frames (None before any)."""
+        with self._lock:
+            return self._cost(size)
+
+    def _cost(self, size: int) -> float | None:
+        if self._w == 0:
+            return None
+        mean_x, mean_y = self._wx / self._w, self._wy / self._w
+        var = self._wxx / self._w - mean_x * mean_x
+        if len(self._sizes) < 2 or var <= 1e-12:
+            # One size seen: assume the cost is per frame (the pessimistic reading).
+            return mean_y * size / max(mean_x, 1.0)
+        slope = (self._wxy / self._w - mean_x * mean_y) / var
+        slope = max(slope, 0.0)
+        fixed = max(mean_y - slope * mean_x, 0.0)
+        if slope == 0.0 and fixed == 0.0:
+            return mean_y
+        return fixed + slope * size
+
+    def arrival_rate(self) -> float:
+        """Frames per second reaching the batcher, over all stream keys."""
+        with self._lock:
+            return self._rate
+
+    # Decision -------------------------------------------------------------------------
+
+    def limits(self, now_ns: int | None = None) -> BatchLimits:
+        """The bounds for the next batch."""
+        with self._lock:
+            if now_ns is not None:
+                stale = [k for k, seen in self._keys.items() if now_ns - seen > 5_000_000_000]
+                for key in stale:
+                    del self._keys[key]
+            return self._limits
+
+    def _update(self) -> None:
+        b = self.bounds
+        if self._cost(1) is None:
+            self._limits = BatchLimits(b.min_size, 0)
+            return
+        slo = b.latency_slo_s
+        # The largest size whose forward pass leaves half the SLO for waiting and queueing.
+        cap = b.min_size
+        for size in range(b.min_size, b.max_size + 1):
+            cost = self._cost(size) or 0.0
+            if cost <= slo / 2:
+                cap = size
+        rate = self._rate
+        size = cap
+        if rate > 0:
+            for candidate in range(b.min_size, cap + 1):
+                cost = self._cost(candidate) or 0.0
+                if rate * cost / candidate <= b.target_load:
+                    size = candidate
+                    break
+        if self._wait_s > slo / 2:
+            # Frames reach the batcher late: a backlog, so the most frames per second.
+            size = cap
+        keys = max(len(self._keys), 1)
+        if size <= 1 or rate <= 0:
+            delay_s = 0.0
+        else:
+            fill_s = size * keys / rate
+            room = max(slo - (self._cost(size) or 0.0) - self._wait_s, 0.0)
+            delay_s = min(fill_s, room, b.max_delay_s)
+        self._limits = BatchLimits(size, int(delay_s * 1e9) if math.isfinite(delay_s) else 0)

@@ -1,0 +1,40 @@
+"""The benchmarks run end to end in quick mode and report every figure (speed not checked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline_bench import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
+    report = main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "pipeline.json").is_file()
+    for name in ("batch_size.png", "max_delay.png", "offered_load.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    pipeline = report["pipeline"]
+    assert len(pipeline["saturation"]) == 2 and len(pipeline["telemetry_on"]) == 2
+    for run in pipeline["saturation"] + pipeline["telemetry_on"]:
+        assert run["frames"] > 0 and run["frames_per_s"] > 0
+        assert run["cpu_utilisation"] > 0 and run["peak_rss_mb"] > 0
+    assert set(pipeline["latency_at_70pct"]["latency_ms"]) == {"p50", "p99"}
+    assert len(report["naive"]["runs"]) == 2
+    assert report["ceilings"]["compute_bound_frames_per_s"]["mean"] > 0
+    assert report["ceilings"]["stages"]["batches"]
+    assert set(report["ratios"]) == {
+        "pipeline_over_naive",
+        "pipeline_over_ceiling",
+        "telemetry_on_over_off",
+        "adaptive_over_best_fixed",
+    }
+    assert set(report["sweeps"]) == {
+        "batch_size_saturation",
+        "batch_size_latency",
+        "max_delay_latency",
+        "offered_load",
+    }
+    assert {"saturation", "low_load", "at_70pct"} <= set(report["adaptive"])

@@ -1,0 +1,138 @@
+"""The adaptive batch-size controller, driven by a simulated clock and cost model."""
+
+from __future__ import annotations
+
+import pytest
+
+from operators.adaptive import AdaptiveBatching, AdaptiveBounds, BatchLimits
+from operators.batching import batch_logic_builder
+from tests.unit.test_batching import frame
+
+FIXED_S, PER_FRAME_S = 0.004, 0.0011  # cost model like the CPU detector: t(b) = a + c*b
+
+
+def cost(size: int) -> float:
+    return FIXED_S + PER_FRAME_S * size
+
+
+def simulate(
+    controller: AdaptiveBatching, rate: float, seconds: float, *, keys: int = 4, start: float = 0
+) -> tuple[float, float, list[int]]:
+    """A single model serving `keys` streams that together offer `rate` frames/s (or a
+    backlog when rate is 0); returns (frames/s served, worst latency in s, sizes chosen)."""
+    now = start
+    queue: list[float] = []  # arrival times
+    served, worst, sizes = 0, 0.0, []
+    next_arrival = start
+    backlog = rate == 0
+    while now < start + seconds:
+        if backlog:
+            while len(queue) < 256:
+                queue.append(now)
+        else:
+            while next_arrival <= now:
+                queue.append(next_arrival)
+                next_arrival += 1.0 / rate
+        if queue:
+            controller.observe_arrivals(f"k{len(queue) % keys}", len(queue), int(now * 1e9))
+        limits = controller.limits(int(now * 1e9))
+        if not queue:
+            now = next_arrival
+            continue
+        opened = queue[0]
+        ready = len(queue) >= limits.max_size or now - opened >= limits.max_delay_ns / 1e9
+        if not ready:
+            now = max(min(opened + limits.max_delay_ns / 1e9, next_arrival), now + 1e-6)
+            continue
+        batch, queue = queue[: limits.max_size], queue[limits.max_size :]
+        took = cost(len(batch))
+        now += took
+        controller.observe_inference(len(batch), took, wait_s=now - took - batch[0])
+        worst = max(worst, now - batch[0]) if now > start + 1.0 else worst
+        served += len(batch)
+        sizes.append(len(batch))
+    return served / (now - start), worst, sizes
+
+
+def test_bounds_are_checked() -> None:
+    with pytest.raises(ValueError):
+        AdaptiveBounds(min_size=4, max_size=2)
+    with pytest.raises(ValueError):
+        AdaptiveBounds(target_load=1.5)
+    with pytest.raises(ValueError):
+        AdaptiveBounds(latency_slo_s=0)
+
+
+def test_starts_small_and_without_delay() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(min_size=2, max_size=32))
+    assert controller.limits() == BatchLimits(2, 0)
+    assert controller.cost_s(8) is None
+
+
+def test_learns_a_linear_cost_model() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds())
+    for size in (1, 4, 16, 32, 8):
+        controller.observe_inference(size, cost(size))
+    for size in (1, 10, 64):
+        assert controller.cost_s(size) == pytest.approx(cost(size), rel=1e-6)
+
+
+def test_low_load_keeps_batches_small_and_latency_low() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    fps, worst, sizes = simulate(controller, rate=40.0, seconds=10.0)
+    assert fps == pytest.approx(40.0, rel=0.05)
+    assert worst < 0.02
+    assert max(sizes[len(sizes) // 2 :]) <= 2
+
+
+def test_saturation_grows_batches_to_the_slo_bound() -> None:
+    bounds = AdaptiveBounds(max_size=64, latency_slo_s=0.2)
+    controller = AdaptiveBatching(bounds)
+    fps, _, sizes = simulate(controller, rate=0, seconds=10.0)
+    best_fixed = 64 / cost(64)
+    assert fps >= 0.95 * best_fixed
+    assert cost(sizes[-1]) <= bounds.latency_slo_s / 2
+
+
+def test_a_tight_slo_caps_the_batch_size() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.03))
+    _, _, sizes = simulate(controller, rate=0, seconds=5.0)
+    assert max(sizes[len(sizes) // 2 :]) <= round((0.015 - FIXED_S) / PER_FRAME_S)
+
+
+def test_follows_load_up_and_down() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    simulate(controller, rate=30.0, seconds=5.0)
+    low = controller.limits().max_size
+    fps, _, _ = simulate(controller, rate=600.0, seconds=5.0, start=5.0)
+    assert fps == pytest.approx(600.0, rel=0.05)
+    _, worst, _ = simulate(controller, rate=600.0, seconds=5.0, start=10.0)
+    high = controller.limits().max_size
+    assert worst < 0.2
+    assert high > low
+    simulate(controller, rate=30.0, seconds=5.0, start=15.0)
+    assert controller.limits().max_size <= low + 1
+
+
+def test_batch_logic_takes_its_limits_from_the_controller() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=8, latency_slo_s=0.2))
+    for size in (1, 8):
+        controller.observe_inference(size, cost(size))
+    clock = iter(range(0, 10**12, 10**9))  # one second per reading: rate known at once
+    logic = batch_logic_builder(64, 0.05, key_of=lambda f: "k", controller=controller)(None)
+    logic.clock = lambda: next(clock)
+    logic.on_batch([frame(0)])
+    batches, _ = logic.on_batch([frame(i) for i in range(1, 21)])
+    assert logic.batcher.max_size == controller.limits().max_size <= 8
+    assert all(len(b.frames) <= 8 for b in batches)
+
+
+def test_a_backlog_takes_the_largest_size_the_slo_allows() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    for size in (1, 2):
+        controller.observe_inference(size, cost(size), wait_s=0.01)
+    controller.observe_arrivals("k", 1, 0)
+    controller.observe_arrivals("k", 10, 1_000_000_000)
+    assert controller.limits().max_size == 1
+    controller.observe_inference(2, cost(2), wait_s=5.0)
+    assert controller.limits().max_size == 64
