@@ -24,6 +24,7 @@ from operators.ingest import frame_source
 from operators.kafka_io import client_config, producer_config
 from operators.metrics import LagTracker, PipelineMetrics, pipeline_metrics, start_metrics_server
 from operators.sinks import DeadLetterSink, ResultSink
+from operators.stores import StoreError, open_store
 from operators.tally import Tally
 from operators.tracing import setup_tracing, write_tracer
 
@@ -34,6 +35,13 @@ settings = load_settings()
 logging.basicConfig(
     level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
 )
+# Fail fast, with one clear line, on a sink that cannot be opened or a model that cannot
+# be loaded, before any worker starts.
+try:
+    open_store(settings.sink).close()
+except StoreError as exc:
+    raise SystemExit(f"streamsight: {exc}") from None
+
 tally = Tally()
 tracing = setup_tracing()
 store_system = "sqlite" if settings.sink.startswith("sqlite") else "postgresql"
@@ -86,14 +94,17 @@ def measured_sink(sink: DynamicSink[T], stage: str, name: str) -> DynamicSink[T]
     return metrics.measured_sink(sink, stage=stage, sink=name) if metrics else sink
 
 
-inferencer = shared_inferencer(
-    settings.model_path,
-    device=settings.device,
-    precision=settings.precision,
-    score_threshold=settings.score_threshold,
-    input_size=parse_size(settings.model_input_size) if settings.model_input_size else None,
-    classes=tuple(settings.model_classes.split(",")) if settings.model_classes else None,
-)
+try:
+    inferencer = shared_inferencer(
+        settings.model_path,
+        device=settings.device,
+        precision=settings.precision,
+        score_threshold=settings.score_threshold,
+        input_size=parse_size(settings.model_input_size) if settings.model_input_size else None,
+        classes=tuple(settings.model_classes.split(",")) if settings.model_classes else None,
+    )
+except ValueError as exc:
+    raise SystemExit(f"streamsight: {exc}") from None
 
 producer = producer_config(settings, bootstrap=bootstrap, client_id="streamsight-sink")
 flow = build_flow(

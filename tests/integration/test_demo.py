@@ -82,3 +82,31 @@ def test_bad_configuration_fails_fast_with_a_clear_error(tmp_path: Path) -> None
     )
     assert proc.returncode != 0
     assert "batch_max_size" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("STREAMSIGHT_MODEL_PATH", "/nonexistent/model.pt", "streamsight: model file"),
+        (
+            "STREAMSIGHT_SINK",
+            "postgresql://user:planted-pg-secret@127.0.0.1:1/db",
+            "streamsight: cannot connect to PostgreSQL",
+        ),
+    ],
+)
+def test_unusable_model_or_sink_stops_before_the_flow_with_one_line(
+    tmp_path: Path, setting: str, value: str, message: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bytewax.run", "flows.video"],
+        cwd=ROOT,
+        env=demo_env(tmp_path, **{setting: value}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and "panicked" not in proc.stderr
+    assert "planted-pg-secret" not in proc.stdout + proc.stderr
