@@ -71,21 +71,24 @@ def reject_decoded(meta: FrameMeta, *, stage: str, reason: str, detail: str) -> 
     """A dead letter for a frame already decoded, whose original bytes are no longer at
     hand: it carries the frame's identity, source coordinates and trace context, and the
     original message stays readable at those coordinates."""
-    if reason not in REASONS:
-        raise ValueError(f"unknown dead-letter reason {reason!r}")
-    return DeadLetter(
-        stage=stage,
-        reason=reason,
-        detail=detail[:MAX_DETAIL],
+    source = RawFrame(
         topic=meta.topic,
         partition=meta.partition,
         offset=meta.offset,
         key=meta.camera.encode(),
+        value=None,
         headers=tuple((k, v.encode()) for k, v in meta.trace_carrier.items()),
-        payload=None,
+        timestamp_ms=None,
+        ingest_ns=meta.ingest_ns,
+    )
+    return reject(
+        source,
+        stage=stage,
+        reason=reason,
+        detail=detail,
         frame_id=meta.frame_id,
         job_id=meta.job_id,
-        trace_carrier=dict(meta.trace_carrier),
+        trace_carrier=meta.trace_carrier,
     )
 
 
