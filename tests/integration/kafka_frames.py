@@ -1,7 +1,11 @@
-"""Filling a topic with good synthetic frames and a known set of bad ones."""
+"""Filling a topic with good synthetic frames and a known set of bad ones, and reading back
+what the SQLite sink stored."""
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 from flows.camera import publish, synthetic_frames
@@ -51,3 +55,24 @@ def fill_topic(
     finally:
         producer.close()
     return {f"{job_id}/cam-{c}/{s}" for c in range(cameras) for s in range(frames_per_camera)}
+
+
+def stored(db: Path) -> tuple[int, int, int]:
+    """(rows, distinct frame ids, dead letters) in the sink; 0s before it exists."""
+    if not db.exists():
+        return 0, 0, 0
+    with closing(sqlite3.connect(db, timeout=10)) as conn:
+        try:
+            rows, distinct = conn.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT frame_id) FROM detections"
+            ).fetchone()
+            (letters,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        except sqlite3.OperationalError:
+            return 0, 0, 0
+    return rows, distinct, letters
+
+
+def frame_ids(db: Path) -> set[str]:
+    """Every frame id in the sink."""
+    with closing(sqlite3.connect(db, timeout=10)) as conn:
+        return {frame_id for (frame_id,) in conn.execute("SELECT frame_id FROM detections")}

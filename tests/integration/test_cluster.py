@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
-from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
+from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic, frame_ids, stored
 
 pytestmark = pytest.mark.integration
 
@@ -144,27 +143,6 @@ def wait_all(processes: list[subprocess.Popen[bytes]], logs: Path) -> None:
             for log in sorted(logs.glob("*.log"))
         )
         pytest.fail(f"exit codes {codes}\n{tails}")
-
-
-def stored(db: Path) -> tuple[int, int, int]:
-    """(rows, distinct frame ids, dead letters) in the sink; 0s before it exists."""
-    if not db.exists():
-        return 0, 0, 0
-    with closing(sqlite3.connect(db, timeout=10)) as conn:
-        try:
-            rows, distinct = conn.execute(
-                "SELECT COUNT(*), COUNT(DISTINCT frame_id) FROM detections"
-            ).fetchone()
-            (letters,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
-        except sqlite3.OperationalError:
-            return 0, 0, 0
-    return rows, distinct, letters
-
-
-def frame_ids(db: Path) -> set[str]:
-    """Every frame id in the sink."""
-    with closing(sqlite3.connect(db, timeout=10)) as conn:
-        return {frame_id for (frame_id,) in conn.execute("SELECT frame_id FROM detections")}
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from operators.inference import Inferencer
 from operators.ingest import frame_source
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import open_store
+from operators.tracing import Tracing, write_tracer
 from tests.fixtures.kafka import read_topic
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 
@@ -32,8 +33,14 @@ def inferencer() -> Inferencer:
 
 
 def run_flow(
-    config: dict[str, Any], topics: dict[str, str], sink_url: str, inferencer: Inferencer
+    config: dict[str, Any],
+    topics: dict[str, str],
+    sink_url: str,
+    inferencer: Inferencer,
+    tracing: Tracing | None = None,
 ) -> None:
+    """Run the flow in-process over `topics["input"]` to its end; traced with `tracing`."""
+    traced = tracing or Tracing.disabled()
     settings = Settings(batch_max_size=8, batch_max_delay_ms=20)
     producer = {**config, "enable.idempotence": True, "acks": "all"}
     flow = build_flow(
@@ -48,9 +55,20 @@ def run_flow(
         infer=inferencer.infer,
         input_size=inferencer.detector.input_size,
         results=ResultSink(
-            sink_url, producer, output_topic=topics["output"], dead_letter_topic=topics["dlq"]
+            sink_url,
+            producer,
+            output_topic=topics["output"],
+            dead_letter_topic=topics["dlq"],
+            trace_writes=write_tracer(traced, topic=topics["output"], store="sqlite"),
         ),
-        dead_letters=DeadLetterSink(sink_url, producer, topic=topics["dlq"]),
+        dead_letters=DeadLetterSink(
+            sink_url,
+            producer,
+            topic=topics["dlq"],
+            trace_writes=write_tracer(traced, topic=topics["dlq"], store="sqlite"),
+        ),
+        tracing=traced,
+        model={"streamsight.device": inferencer.device_name},
     )
     run_main(flow)
 

@@ -5,7 +5,6 @@ restarted, and the sink still holds every input frame exactly once."""
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,26 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
-from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
+from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic, frame_ids, stored
 
 pytestmark = pytest.mark.integration
 
 KILLS = 3
-
-
-def stored(db: Path) -> tuple[int, int, int]:
-    """(rows, distinct frame ids, dead letters) in the sink, 0s before it exists."""
-    if not db.exists():
-        return 0, 0, 0
-    with sqlite3.connect(db, timeout=10) as conn:
-        try:
-            rows, distinct = conn.execute(
-                "SELECT COUNT(*), COUNT(DISTINCT frame_id) FROM detections"
-            ).fetchone()
-            (letters,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
-        except sqlite3.OperationalError:
-            return 0, 0, 0
-    return rows, distinct, letters
 
 
 def test_kill_9_and_restart_gives_every_frame_exactly_once(
@@ -80,9 +64,7 @@ def test_kill_9_and_restart_gives_every_frame_exactly_once(
 
     rows, distinct, letters = stored(db)
     assert rows == distinct == len(expected)
-    with sqlite3.connect(db) as conn:
-        ids = {frame_id for (frame_id,) in conn.execute("SELECT frame_id FROM detections")}
-    assert ids == expected
+    assert frame_ids(db) == expected
     assert letters == DEAD_LETTERS
     # The output topic is at-least-once: every frame is there, repeats keep the same key.
     published = {m.key.decode() for m in read_topic(kafka_config, topics["detections"])}

@@ -13,22 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bytewax.testing import run_main
 
 from flows.camera import OutgoingFrame, publish, spread_partition, synthetic_frames
-from flows.pipeline import build_flow
-from flows.settings import Settings
 from operators import contract
 from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.inference import Inferencer
-from operators.ingest import frame_source
 from operators.kafka_io import CheckedProducer
-from operators.sinks import DeadLetterSink, ResultSink
-from operators.tracing import Tracing, send_tracer, setup_tracing, write_tracer
+from operators.tracing import Tracing, send_tracer, setup_tracing
 from tests.fixtures.kafka import read_topic, subprocess_env
 from tests.fixtures.otlp import OtlpServer, ReceivedSpan
 from tests.helpers import jpeg_bytes
+from tests.integration.test_kafka_flow import run_flow
 
 pytestmark = pytest.mark.integration
 
@@ -116,45 +112,6 @@ def publish_frames(
         producer.close()
 
 
-def run_traced_flow(
-    config: dict[str, Any],
-    topics: dict[str, str],
-    sink_url: str,
-    inferencer: Inferencer,
-    tracing: Tracing,
-) -> None:
-    settings = Settings(batch_max_size=8, batch_max_delay_ms=20)
-    producer = {**config, "enable.idempotence": True, "acks": "all"}
-    flow = build_flow(
-        settings,
-        source=frame_source(
-            config["bootstrap.servers"],
-            topics["input"],
-            client_config=config,
-            batch_size=32,
-            tail=False,
-        ),
-        infer=inferencer.infer,
-        input_size=inferencer.detector.input_size,
-        results=ResultSink(
-            sink_url,
-            producer,
-            output_topic=topics["output"],
-            dead_letter_topic=topics["dlq"],
-            trace_writes=write_tracer(tracing, topic=topics["output"], store="sqlite"),
-        ),
-        dead_letters=DeadLetterSink(
-            sink_url,
-            producer,
-            topic=topics["dlq"],
-            trace_writes=write_tracer(tracing, topic=topics["dlq"], store="sqlite"),
-        ),
-        tracing=tracing,
-        model={"streamsight.device": inferencer.device_name},
-    )
-    run_main(flow)
-
-
 def by_trace(spans: list[ReceivedSpan]) -> dict[str, list[ReceivedSpan]]:
     traces: dict[str, list[ReceivedSpan]] = defaultdict(list)
     for span in spans:
@@ -218,7 +175,7 @@ def test_every_frame_is_one_trace_from_camera_to_sink(
     assert tracing.enabled
     cameras, frames = 3, 6
     publish_frames(kafka_config, topics["input"], tracing, cameras=cameras, frames=frames)
-    run_traced_flow(kafka_config, topics, f"sqlite:///{tmp_path / 'out.db'}", inferencer, tracing)
+    run_flow(kafka_config, topics, f"sqlite:///{tmp_path / 'out.db'}", inferencer, tracing)
     tracing.flush()
     spans = otlp_receiver.receiver.snapshot()
     assert spans, "nothing exported"
@@ -329,7 +286,7 @@ def test_sampled_traces_are_whole(
     tracing = setup_tracing(flush_at_exit=False)
     cameras, frames = 4, 20
     publish_frames(kafka_config, topics["input"], tracing, cameras=cameras, frames=frames)
-    run_traced_flow(kafka_config, topics, f"sqlite:///{tmp_path / 'out.db'}", inferencer, tracing)
+    run_flow(kafka_config, topics, f"sqlite:///{tmp_path / 'out.db'}", inferencer, tracing)
     tracing.flush()
     spans = otlp_receiver.receiver.snapshot()
     traces = frame_traces(spans)
