@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from bytewax.testing import run_main
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from PIL import Image
 from prometheus_client import CollectorRegistry
 from rich.console import Console
@@ -40,13 +39,14 @@ from flows.embedded import EmbeddedBroker
 from flows.pipeline import build_flow
 from flows.settings import Settings
 from operators.decode import FrameLimits, decode_pixels
-from operators.detector import load_detector
+from operators.detector import DEFAULT_WIDTHS, LoadedDetector, TinyDet, load_detector
 from operators.frames import FrameResult
 from operators.inference import Inferencer
 from operators.ingest import frame_source
 from operators.kafka_io import CheckedProducer, client_config, producer_config
 from operators.metrics import PipelineMetrics
 from operators.sinks import DeadLetterSink, ResultSink
+from operators.span_export import EncodingExporter
 from operators.tracing import Tracing, setup_tracing, write_tracer
 
 TARGETS = {
@@ -57,17 +57,6 @@ TARGETS = {
     "rss_100k_over_10k": 1.10,
 }
 CAMERAS = 4
-
-
-class DropExporter(SpanExporter):
-    """A span exporter that accepts and discards every span (tracing cost without I/O)."""
-
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        """Drop `spans`."""
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        """Nothing to release."""
 
 
 @dataclass
@@ -82,6 +71,7 @@ class RunResult:
     mean_batch: float
     peak_rss_mb: float
     gpu_utilisation: float | None = None
+    spans_exported: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able form."""
@@ -94,6 +84,7 @@ class RunResult:
             "mean_batch": round(self.mean_batch, 2),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "gpu_utilisation": self.gpu_utilisation,
+            "spans_exported": self.spans_exported,
         }
 
 
@@ -129,6 +120,18 @@ class GpuUtilisation:
         return round(statistics.fmean(self.samples), 1) if self.samples else None
 
 
+def scaled_detector(scale: int) -> LoadedDetector:
+    """The shipped detector (`scale` 1), or the same architecture `scale` times wider with
+    untrained weights: about `scale`**2 times the compute per frame, for measuring a
+    GPU-bound pipeline (its detections are meaningless; its cost is a large detector's)."""
+    detector = load_detector()
+    if scale == 1:
+        return detector
+    widths = tuple(w * scale for w in DEFAULT_WIDTHS)
+    module = TinyDet(len(detector.classes), widths=widths).eval()
+    return replace(detector, module=module, name=f"{detector.name}-x{scale}-untrained")
+
+
 @dataclass
 class _Collected:
     rows: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -162,10 +165,10 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 class Bench:
     """The broker, the model and the frames shared by every measurement."""
 
-    def __init__(self, workdir: Path, distinct_frames: int) -> None:
+    def __init__(self, workdir: Path, distinct_frames: int, model_scale: int = 1) -> None:
         self.workdir = workdir
         self.broker = EmbeddedBroker()
-        self.inferencer = Inferencer.create(load_detector(), device="auto")
+        self.inferencer = Inferencer.create(scaled_detector(model_scale), device="auto")
         per_camera = max(distinct_frames // CAMERAS, 1)
         self.jpegs = [f.jpeg for tick in synthetic_frames(CAMERAS, per_camera) for f in tick]
         self.settings = Settings(progress=False, metrics_enabled=False)
@@ -232,7 +235,7 @@ class Bench:
             self.broker.create_topic(name, CAMERAS)
         url = f"sqlite:///{self.workdir / f'run-{n}.db'}"
         tracing = (
-            setup_tracing(exporter=DropExporter(), flush_at_exit=False)
+            setup_tracing(make_exporter=EncodingExporter, flush_at_exit=False)
             if telemetry
             else Tracing.disabled()
         )
@@ -297,6 +300,7 @@ class Bench:
             mean_batch=len(rows) / sum(1.0 / r[3] for r in rows),
             peak_rss_mb=peak_rss_mb(),
             gpu_utilisation=gpu.mean,
+            spans_exported=tracing.exported(),
         )
 
     def saturation(self, settings: Settings, frames: int, *, telemetry: bool = False) -> RunResult:
@@ -439,11 +443,11 @@ FULL = Plan(
 QUICK = Plan(96, 32, 1.5, 0.2, (1, 16), (0.0, 50.0), (0.3, 0.7), 16)
 
 
-def run(plan: Plan, out: Path, console: Console) -> dict[str, Any]:
+def run(plan: Plan, out: Path, console: Console, model_scale: int = 1) -> dict[str, Any]:
     """Every measurement of the plan; the report as a dict."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="streamsight-bench-") as tmp:
-        bench = Bench(Path(tmp), plan.distinct_frames)
+        bench = Bench(Path(tmp), plan.distinct_frames, model_scale)
         try:
             return _measure(bench, plan, out, console)
         finally:
@@ -515,6 +519,7 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "device": bench.inferencer.device_name,
+            "model": bench.inferencer.detector.name,
             "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(),
         },
@@ -688,7 +693,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a few seconds, for tests")
     parser.add_argument("--out", type=Path, default=Path(".streamsight/benchmark"))
     parser.add_argument("--frames", type=int, help="frames per saturation run")
+    parser.add_argument(
+        "--model-scale",
+        type=int,
+        default=1,
+        help="run a detector this many times wider (untrained; compute only)",
+    )
     args = parser.parse_args(argv)
+    if args.model_scale < 1:
+        parser.error("--model-scale must be at least 1")
     plan = QUICK if args.quick else FULL
     if args.frames:
         plan = replace(
@@ -696,4 +709,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             saturation_frames=args.frames,
             naive_frames=max(plan.naive_frames, args.frames // 4),
         )
-    return run(plan, args.out, Console(stderr=True))
+    return run(plan, args.out, Console(stderr=True), args.model_scale)

@@ -333,6 +333,7 @@ class PipelineMetrics:
             self.sink_write.labels(sink)
             self.sink_rows.labels(sink)
 
+        self._stage_children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._extras = ProcessExtrasCollector()
         registry.register(self._extras)
         if registry is not REGISTRY:
@@ -368,12 +369,26 @@ class PipelineMetrics:
             measurement.cpu_s = cpu_clock() - cpu0
             measurement.wall_s = time.perf_counter() - wall0
             measurement.items_out = sum(measurement._outputs)
-            self.stage_duration.labels(label).observe(measurement.wall_s)
-            self.stage_cpu.labels(label).inc(measurement.cpu_s)
+            duration, cpu, received, emitted = self._stage_series(label)
+            duration.observe(measurement.wall_s)
+            cpu.inc(measurement.cpu_s)
             if items_in:
-                self.stage_items_received.labels(label).inc(items_in)
+                received.inc(items_in)
             if measurement.items_out:
-                self.stage_items_emitted.labels(label).inc(measurement.items_out)
+                emitted.inc(measurement.items_out)
+
+    def _stage_series(self, label: str) -> tuple[Any, Any, Any, Any]:
+        """The duration, CPU, received and emitted series of a stage label (looked up
+        once: `labels()` takes a lock and builds a key on every call)."""
+        found = self._stage_children.get(label)
+        if found is None:
+            found = self._stage_children[label] = (
+                self.stage_duration.labels(label),
+                self.stage_cpu.labels(label),
+                self.stage_items_received.labels(label),
+                self.stage_items_emitted.labels(label),
+            )
+        return found
 
     def wrap(self, stage: str, fn: Callable[[T], R]) -> Callable[[T], R]:
         """`fn` measured as `stage`: for `op.map`, `op.flat_map` and `op.filter_map` steps.
@@ -396,11 +411,11 @@ class PipelineMetrics:
 
     def count(self, stage: str, items_in: int = 0, items_out: int = 0) -> None:
         """Count items into and out of `stage` without timing anything."""
-        label = self._stage(stage)
+        _, _, received, emitted = self._stage_series(self._stage(stage))
         if items_in:
-            self.stage_items_received.labels(label).inc(items_in)
+            received.inc(items_in)
         if items_out:
-            self.stage_items_emitted.labels(label).inc(items_out)
+            emitted.inc(items_out)
 
     # Batching -----------------------------------------------------------------------
 

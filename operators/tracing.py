@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 from opentelemetry import baggage
 from opentelemetry import trace as otel_trace
@@ -36,7 +36,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -49,7 +49,18 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     SamplingResult,
 )
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    DEFAULT_TRACE_STATE,
+    INVALID_SPAN_CONTEXT,
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from operators import contract
@@ -332,6 +343,20 @@ def reachable(address: tuple[str, int], timeout_s: float = 1.0) -> bool:
         return False
 
 
+def environment_exporter() -> GuardedExporter:
+    """The exporter named by `OTEL_TRACES_EXPORTER` (OTLP or console), guarded."""
+    kind = (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
+    if kind == "console":
+        return GuardedExporter(ConsoleSpanExporter())
+    return GuardedExporter(otlp_exporter(), probe=partial(reachable, otlp_endpoint()))
+
+
+def quiet_exporter_logs() -> None:
+    """Let the exporters' loggers print their first warning only."""
+    for name in _EXPORTER_LOGGERS:
+        logging.getLogger(name).addFilter(_OnceFilter())
+
+
 @dataclass
 class Tracing:
     """The process's tracing: a tracer when enabled, else `enabled` is False and the
@@ -343,6 +368,7 @@ class Tracing:
     processor: SpanProcessor | None = None
     exporter: GuardedExporter | None = None
     consumer_group: str | None = None
+    recorder: SpanRecorder | None = None
     _closed: bool = False
 
     @classmethod
@@ -363,6 +389,13 @@ class Tracing:
         if not _bounded(processor.shutdown, timeout_s) and self.exporter is not None:
             self.exporter.shutdown()
 
+    def exported(self) -> int | None:
+        """Spans the exporter has accepted (from an export process: known after `flush`)."""
+        if self.exporter is not None:
+            return self.exporter.exported
+        stats = getattr(self.processor, "stats", None)
+        return int(stats["exported"]) if stats else None
+
 
 def _bounded(call: Callable[[], object], timeout_s: float) -> bool:
     """Run `call` in a daemon thread for at most `timeout_s`; whether it finished."""
@@ -377,35 +410,40 @@ def setup_tracing(
     *,
     exporter: SpanExporter | None = None,
     processor: Callable[[SpanExporter], SpanProcessor] = BatchSpanProcessor,
+    make_exporter: Callable[[], SpanExporter] | None = None,
     flush_at_exit: bool = True,
 ) -> Tracing:
     """Tracing configured from the `OTEL_*` environment.
 
-    Off when `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. Otherwise spans go
-    through a batch processor to `exporter` (default: OTLP, or the console with
-    `OTEL_TRACES_EXPORTER=console`); a failing exporter is logged once and never raises.
-    The provider is the process's own (not the global one) and is flushed at exit.
+    Off when `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. By default spans
+    are exported from a child process (`ExportProcess`) by the exporter that
+    `make_exporter` builds there (default: OTLP, or the console with
+    `OTEL_TRACES_EXPORTER=console`). With `exporter`, they go through `processor` to it
+    in this process instead. A failing exporter is logged once and never raises. The
+    provider is the process's own (not the global one) and is flushed at exit.
     """
     if _truthy(os.environ.get("OTEL_SDK_DISABLED")):
         return Tracing.disabled()
     kind = (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
-    probe: Callable[[], bool] | None = None
-    if exporter is None:
-        if kind == "none":
-            return Tracing.disabled()
-        if kind == "console":
-            exporter = ConsoleSpanExporter()
-        elif kind == "otlp":
-            exporter = otlp_exporter()
-            probe = partial(reachable, otlp_endpoint())
-        else:
-            raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {kind!r}: use otlp, console, none")
-    for name in _EXPORTER_LOGGERS:
-        logging.getLogger(name).addFilter(_OnceFilter())
-    guarded = GuardedExporter(exporter, probe=probe)
-    span_processor = processor(guarded)
+    if kind not in ("otlp", "console", "none"):
+        raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {kind!r}: use otlp, console, none")
+    if kind == "none" and exporter is None and make_exporter is None:
+        return Tracing.disabled()
+    if kind == "otlp" and exporter is None and make_exporter is None:
+        otlp_exporter().shutdown()  # an unsupported protocol fails here, not in the child
+    quiet_exporter_logs()
+    resource = build_resource(service_name)
+    guarded: GuardedExporter | None = None
+    span_processor: SpanProcessor
+    if exporter is not None:
+        guarded = GuardedExporter(exporter)
+        span_processor = processor(guarded)
+    else:
+        from operators.span_export import ExportProcess
+
+        span_processor = ExportProcess(resource, make_exporter)
     provider = TracerProvider(
-        resource=build_resource(service_name),
+        resource=resource,
         sampler=parent_based_sampler(),
         shutdown_on_exit=False,
     )
@@ -416,10 +454,128 @@ def setup_tracing(
         provider=provider,
         processor=span_processor,
         exporter=guarded,
+        recorder=SpanRecorder(provider, span_processor),
     )
     if flush_at_exit:
         atexit.register(tracing.flush)
     return tracing
+
+
+# Finished spans ---------------------------------------------------------------------------
+
+_UNSET = Status(StatusCode.UNSET)
+Error = tuple[str, str]
+"""A failed step: the reason (`error.type`) and a detail for the status message."""
+
+
+class SpanRecorder:
+    """Writes spans whose start and end are known once they are written, as every span of
+    a frame is: each becomes a finished `ReadableSpan` handed straight to the span
+    processor, without the SDK's live-span bookkeeping (context, locks, re-validation of
+    attributes), which costs about five times as much per span.
+
+    A processor with an `on_record` method (`ExportProcess`) gets the span as a plain
+    record (`span_export.SpanRecord`) instead, without building the SDK span at all.
+
+    Sampling is the provider's sampler's: a child takes its parent's sampled flag (the
+    parent-based rule), a root or a span with links asks the sampler. Attributes must
+    already be bounded (`bounded`), since the SDK's span limits are not applied here.
+    """
+
+    def __init__(self, provider: TracerProvider, processor: SpanProcessor) -> None:
+        self.sampler = provider.sampler
+        self.ids = provider.id_generator
+        self.resource = provider.resource
+        self.scope = InstrumentationScope(SCOPE, SERVICE_VERSION)
+        self.processor = processor
+        self.on_record: Callable[[tuple[Any, ...]], None] | None = getattr(
+            processor, "on_record", None
+        )
+
+    def context(
+        self,
+        name: str,
+        parent: SpanContext | None,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes | None = None,
+        links: Sequence[Link] = (),
+    ) -> SpanContext:
+        """The context of a new span: in `parent`'s trace with its sampled flag, or (no
+        valid parent) a new trace that the sampler keeps or drops."""
+        span_id = self.ids.generate_span_id()
+        if parent is not None and parent.is_valid:
+            flags = TraceFlags(TraceFlags.SAMPLED if parent.trace_flags.sampled else 0)
+            return SpanContext(parent.trace_id, span_id, False, flags, parent.trace_state)
+        trace_id = self.ids.generate_trace_id()
+        decision = self.sampler.should_sample(Context(), trace_id, name, kind, attributes, links)
+        flags = TraceFlags(TraceFlags.SAMPLED if decision.decision.is_sampled() else 0)
+        return SpanContext(trace_id, span_id, False, flags, decision.trace_state)
+
+    def record(
+        self,
+        name: str,
+        parent: SpanContext | None,
+        start_ns: int,
+        end_ns: int,
+        attributes: Attributes,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        links: Sequence[Link] = (),
+        error: Error | None = None,
+        context: SpanContext | None = None,
+    ) -> SpanContext:
+        """Write one finished span (under `context` when given, else a new one) and
+        return its context; an `error` sets `error.type` and the error status."""
+        if context is None:
+            context = self.context(name, parent, kind=kind, attributes=attributes, links=links)
+        if not context.trace_flags.sampled:
+            return context
+        code, description = StatusCode.UNSET, None
+        if error is not None:
+            reason, detail = error
+            attributes["error.type"] = bounded(reason)
+            code = StatusCode.ERROR
+            description = bounded(f"{reason}: {detail}" if detail else reason)
+        if parent is not None and not parent.is_valid:
+            parent = None
+        if self.on_record is not None:
+            self.on_record(
+                (
+                    name,
+                    kind.value,
+                    min(start_ns, end_ns),
+                    end_ns,
+                    context_record(context),
+                    context_record(parent) if parent is not None else None,
+                    attributes,
+                    [(context_record(link.context), dict(link.attributes or {})) for link in links],
+                    (code.value, description),
+                )
+            )
+            return context
+        span = ReadableSpan(
+            name=name,
+            context=context,
+            parent=parent,
+            resource=self.resource,
+            attributes=attributes,
+            links=tuple(links),
+            kind=kind,
+            status=Status(code, description) if error is not None else _UNSET,
+            start_time=min(start_ns, end_ns),
+            end_time=end_ns,
+            instrumentation_scope=self.scope,
+        )
+        self.processor.on_end(span)
+        return context
+
+
+def context_record(context: SpanContext) -> tuple[int, int, int, str, bool]:
+    """A span context as plain values: trace id, span id, trace flags, trace state header,
+    whether it is remote."""
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return (context.trace_id, context.span_id, int(context.trace_flags), state, context.is_remote)
 
 
 # Context and attributes -------------------------------------------------------------------
@@ -430,19 +586,51 @@ def extract(carrier: Mapping[str, str]) -> Context:
     return PROPAGATOR.extract(dict(carrier))
 
 
-def inject(context: Context) -> dict[str, str]:
-    """The W3C headers (`traceparent`, `tracestate`, `baggage`) of `context`."""
-    carrier: dict[str, str] = {}
-    PROPAGATOR.inject(carrier, context=context)
-    return carrier
+def span_context_of(carrier: Mapping[str, str]) -> SpanContext:
+    """The span context in a carrier's `traceparent` (invalid when there is none). The
+    carriers this module writes are read directly; anything else goes through the W3C
+    propagator."""
+    header = carrier.get("traceparent")
+    if not header:
+        return INVALID_SPAN_CONTEXT
+    parts = header.split("-")
+    if len(parts) == 4 and parts[0] == "00" and len(parts[1]) == 32 and len(parts[2]) == 16:
+        try:
+            state = carrier.get("tracestate")
+            context = SpanContext(
+                int(parts[1], 16),
+                int(parts[2], 16),
+                True,
+                TraceFlags(int(parts[3], 16) & TraceFlags.SAMPLED),
+                TraceState.from_header([state]) if state else DEFAULT_TRACE_STATE,
+            )
+        except ValueError:
+            context = INVALID_SPAN_CONTEXT
+        if context.is_valid:
+            return context
+    return otel_trace.get_current_span(extract(carrier)).get_span_context()
 
 
-def carrier_of(span: Span, job_id: str | None, parent: Context | None = None) -> dict[str, str]:
-    """The headers that continue the trace under `span`, with the job ID as baggage."""
-    context = otel_trace.set_span_in_context(span, parent)
+def carrier_of(
+    context: SpanContext, job_id: str | None, parent: Context | None = None
+) -> dict[str, str]:
+    """The W3C headers that continue the trace under `context`: `traceparent`,
+    `tracestate`, and as `baggage` the parent's entries with the job ID."""
+    carrier = {
+        "traceparent": (
+            f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+        )
+    }
+    if context.trace_state:
+        carrier["tracestate"] = context.trace_state.to_header()
+    entries = dict(baggage.get_all(parent)) if parent is not None else {}
     if job_id:
-        context = baggage.set_baggage(JOB_ID, job_id, context)
-    return inject(context)
+        entries[JOB_ID] = job_id
+    if entries:
+        carrier["baggage"] = ",".join(
+            f"{quote_plus(str(k))}={quote_plus(str(v))}" for k, v in entries.items()
+        )
+    return carrier
 
 
 def carrier_from_headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
@@ -473,23 +661,30 @@ def source_attributes(
 
 
 def frame_attributes(meta: FrameMeta, stage: str, consumer_group: str | None = None) -> Attributes:
-    """Job, camera, frame identity and source coordinates of one frame's span."""
-    attributes: Attributes = {
-        STAGE: stage,
-        SCOPE_ATTR: "frame",
-        JOB_ID: bounded(meta.job_id),
-        CAMERA: bounded(meta.camera),
-        FRAME_ID: bounded(meta.frame_id),
-    }
+    """Job, camera, frame identity and source coordinates of a frame's messaging span."""
+    attributes = step_attributes(meta, stage)
     if meta.seq is not None:
         attributes["streamsight.frame.seq"] = meta.seq
     attributes.update(source_attributes(meta.topic, meta.partition, meta.offset, consumer_group))
     return attributes
 
 
-def _error(span: Span, reason: str, detail: str = "") -> None:
-    span.set_status(Status(StatusCode.ERROR, bounded(f"{reason}: {detail}" if detail else reason)))
-    span.set_attribute("error.type", bounded(reason))
+def step_attributes(meta: FrameMeta, stage: str) -> Attributes:
+    """Stage, job, camera and frame identity of a frame's internal span (preprocess,
+    batch wait, inference): the source coordinates live on the trace's ingest span."""
+    return {
+        STAGE: stage,
+        SCOPE_ATTR: "frame",
+        JOB_ID: bounded(meta.job_id),
+        CAMERA: bounded(meta.camera),
+        FRAME_ID: bounded(meta.frame_id),
+    }
+
+
+def _recorder(tracing: Tracing) -> SpanRecorder:
+    if tracing.recorder is None:
+        raise ValueError("tracing is enabled but has no span recorder")
+    return tracing.recorder
 
 
 # Camera -----------------------------------------------------------------------------------
@@ -514,7 +709,8 @@ def send_tracer(
     into the message headers. None when tracing is off."""
     if not tracing.enabled:
         return None
-    tracer = tracing.tracer
+    spans = _recorder(tracing)
+    name = f"send {topic}"
     base: Attributes = {
         STAGE: SEND,
         SCOPE_ATTR: "frame",
@@ -527,7 +723,6 @@ def send_tracer(
 
     def headers(frame: OutgoingFrameLike) -> dict[str, str]:
         now = time.time_ns()
-        start = min(int(frame.capture_time_ms * 1e6), now)
         attributes = dict(base)
         attributes[CAMERA] = bounded(frame.camera)
         attributes["streamsight.frame.seq"] = frame.seq
@@ -535,17 +730,15 @@ def send_tracer(
         partition = partition_of(frame.camera) if partition_of is not None else None
         if partition is not None:
             attributes["messaging.destination.partition.id"] = str(partition)
-
-        span = tracer.start_span(
-            f"send {topic}",
-            context=Context(),
+        context = spans.record(
+            name,
+            None,
+            int(frame.capture_time_ms * 1e6),
+            now,
+            attributes,
             kind=SpanKind.PRODUCER,
-            attributes=attributes,
-            start_time=start,
         )
-        carrier = carrier_of(span, job_id)
-        span.end(end_time=now)
-        return carrier
+        return carrier_of(context, job_id)
 
     return headers
 
@@ -593,27 +786,13 @@ def _letter_attributes(letter: DeadLetter, ctx: Context, stage: str) -> Attribut
     return attributes
 
 
-def _ingest_span(
-    tracing: Tracing,
-    *,
-    parent: Context,
-    attributes: Attributes,
-    topic: str,
-    start_ns: int,
-) -> Span:
-    attributes = {
+def _ingest_attributes(attributes: Attributes) -> Attributes:
+    return {
         **attributes,
         STAGE: INGEST,
         "messaging.operation.type": "process",
         "messaging.operation.name": "process",
     }
-    return tracing.tracer.start_span(
-        f"process {topic}",
-        context=parent,
-        kind=SpanKind.CONSUMER,
-        attributes=attributes,
-        start_time=start_ns,
-    )
 
 
 def traced_prepare(
@@ -624,47 +803,45 @@ def traced_prepare(
     the ingest span's context goes into the frame (or dead letter) for later stages."""
     if not tracing.enabled:
         return prepare
-    tracer = tracing.tracer
+    spans = _recorder(tracing)
     group = tracing.consumer_group
 
     def run(raw: RawFrame) -> PreparedFrame | DeadLetter:
         started = time.time_ns()
         out = prepare(raw)
         ended = time.time_ns()
-        parent = extract(carrier_from_headers(raw.headers))
+        parent_ctx = extract(carrier_from_headers(raw.headers))
+        parent = otel_trace.get_current_span(parent_ctx).get_span_context()
         if isinstance(out, PreparedFrame):
             attributes = frame_attributes(out.meta, INGEST, group)
             job_id: str = out.meta.job_id
         else:
             attributes = {
-                **_letter_attributes(out, parent, INGEST),
+                **_letter_attributes(out, parent_ctx, INGEST),
                 **source_attributes(raw.topic, raw.partition, raw.offset, group),
             }
             job_id = str(attributes[JOB_ID])
         attributes["messaging.message.body.size"] = len(raw.value or b"")
         kafka_ns = (raw.timestamp_ms or 0) * 1_000_000
-        ingest = _ingest_span(
-            tracing,
-            parent=parent,
-            attributes=attributes,
-            topic=raw.topic,
-            start_ns=kafka_ns if 0 < kafka_ns <= raw.ingest_ns else raw.ingest_ns,
+        ingest = spans.record(
+            f"process {raw.topic}",
+            parent,
+            kafka_ns if 0 < kafka_ns <= raw.ingest_ns else raw.ingest_ns,
+            raw.ingest_ns,
+            _ingest_attributes(attributes),
+            kind=SpanKind.CONSUMER,
         )
-        ingest.end(end_time=raw.ingest_ns)
-        carrier = carrier_of(ingest, job_id, parent)
-        step = tracer.start_span(
-            SPAN_NAMES[PREPROCESS],
-            context=otel_trace.set_span_in_context(ingest),
-            attributes={**attributes, STAGE: PREPROCESS},
-            start_time=started,
-        )
+        carrier = carrier_of(ingest, job_id, parent_ctx)
         if isinstance(out, PreparedFrame):
-            step.set_attribute("streamsight.frame.width", out.meta.width)
-            step.set_attribute("streamsight.frame.height", out.meta.height)
-            step.end(end_time=ended)
+            step = step_attributes(out.meta, PREPROCESS)
+            step["streamsight.frame.width"] = out.meta.width
+            step["streamsight.frame.height"] = out.meta.height
+            spans.record(SPAN_NAMES[PREPROCESS], ingest, started, ended, step)
             return replace(out, meta=replace(out.meta, trace_carrier=carrier))
-        _error(step, out.reason, out.detail)
-        step.end(end_time=ended)
+        step = {**attributes, STAGE: PREPROCESS}
+        spans.record(
+            SPAN_NAMES[PREPROCESS], ingest, started, ended, step, error=(out.reason, out.detail)
+        )
         return replace(out, trace_carrier=carrier)
 
     return run
@@ -676,37 +853,34 @@ def traced_source_error(
     """Wrap the conversion of a source error: an ingest span with error status."""
     if not tracing.enabled:
         return to_letter
+    spans = _recorder(tracing)
 
     def run(error: Any) -> DeadLetter:
         letter = to_letter(error)
         now = time.time_ns()
-        parent = extract(carrier_from_headers(letter.headers))
+        parent_ctx = extract(carrier_from_headers(letter.headers))
         attributes = {
-            **_letter_attributes(letter, parent, INGEST),
+            **_letter_attributes(letter, parent_ctx, INGEST),
             **source_attributes(
                 letter.topic, letter.partition, letter.offset, tracing.consumer_group
             ),
         }
-        span = _ingest_span(
-            tracing,
-            parent=parent,
-            attributes=attributes,
-            topic=letter.topic,
-            start_ns=now,
+        ingest = spans.record(
+            f"process {letter.topic}",
+            otel_trace.get_current_span(parent_ctx).get_span_context(),
+            now,
+            now,
+            _ingest_attributes(attributes),
+            kind=SpanKind.CONSUMER,
+            error=(letter.reason, letter.detail),
         )
-        _error(span, letter.reason, letter.detail)
-        span.end(end_time=now)
-        return replace(letter, trace_carrier=carrier_of(span, str(attributes[JOB_ID]), parent))
+        carrier = carrier_of(ingest, str(attributes[JOB_ID]), parent_ctx)
+        return replace(letter, trace_carrier=carrier)
 
     return run
 
 
 # Batch wait and inference -----------------------------------------------------------------
-
-
-def _span_context_of(carrier: Mapping[str, str]) -> tuple[Context, otel_trace.SpanContext]:
-    ctx = extract(carrier)
-    return ctx, otel_trace.get_current_span(ctx).get_span_context()
 
 
 def batch_attributes(metas: Sequence[FrameMeta], stage: str) -> Attributes:
@@ -751,82 +925,86 @@ def traced_infer(
     `streamsight.model.name`, `streamsight.model.version` and `streamsight.device`."""
     if not tracing.enabled:
         return infer
-    tracer = tracing.tracer
-    group = tracing.consumer_group
-    model = dict(model or {})
+    spans = _recorder(tracing)
+    model = {k: bounded(v) for k, v in (model or {}).items()}
 
     def run(batch: FrameBatch) -> list[FrameResult]:
         frames = batch.frames
         metas = [frame.meta for frame in frames]
-        parents = [_span_context_of(meta.trace_carrier) for meta in metas]
+        parents = [span_context_of(meta.trace_carrier) for meta in metas]
         batch_info: Attributes = {
             BATCH_ID: batch.batch_id,
             "streamsight.batch.size": len(frames),
             "streamsight.batch.flush_reason": batch.flush_reason,
         }
-        for frame, (ctx, _) in zip(frames, parents, strict=True):
-            wait = tracer.start_span(
+        dispatched = batch.dispatched_ns
+        for frame, parent in zip(frames, parents, strict=True):
+            spans.record(
                 SPAN_NAMES[BATCH_WAIT],
-                context=ctx,
-                attributes={**frame_attributes(frame.meta, BATCH_WAIT, group), **batch_info},
-                start_time=min(frame.prepared_ns, batch.dispatched_ns),
+                parent,
+                min(frame.prepared_ns, dispatched),
+                dispatched,
+                {**step_attributes(frame.meta, BATCH_WAIT), **batch_info},
             )
-            wait.end(end_time=batch.dispatched_ns)
         links = [
-            Link(span_context, {FRAME_ID: bounded(meta.frame_id)})
-            for meta, (_, span_context) in zip(metas, parents, strict=True)
-            if span_context.is_valid
+            Link(parent, {FRAME_ID: bounded(meta.frame_id)})
+            for meta, parent in zip(metas, parents, strict=True)
+            if parent.is_valid
         ]
+        described = {**batch_attributes(metas, INFERENCE), **batch_info, **model}
+        context = spans.context(INFERENCE_BATCH_SPAN, None, attributes=described, links=links)
+        batch_link = [Link(context, {BATCH_ID: batch.batch_id})]
         started = time.time_ns()
-        span = tracer.start_span(
-            INFERENCE_BATCH_SPAN,
-            context=Context(),
-            links=links,
-            attributes={**batch_attributes(metas, INFERENCE), **batch_info, **model},
-            start_time=started,
-        )
-        batch_link = [Link(span.get_span_context(), {BATCH_ID: batch.batch_id})]
         try:
             results = infer(batch)
         except Exception as exc:
             ended = time.time_ns()
-            _error(span, "internal_error", f"inference failed: {type(exc).__name__}")
-            span.end(end_time=ended)
-            for meta, (ctx, _) in zip(metas, parents, strict=True):
-                step = tracer.start_span(
+            error = ("internal_error", f"inference failed: {type(exc).__name__}")
+            spans.record(
+                INFERENCE_BATCH_SPAN,
+                None,
+                started,
+                ended,
+                described,
+                links=links,
+                error=error,
+                context=context,
+            )
+            for meta, parent in zip(metas, parents, strict=True):
+                spans.record(
                     SPAN_NAMES[INFERENCE],
-                    context=ctx,
+                    parent,
+                    dispatched,
+                    ended,
+                    {**step_attributes(meta, INFERENCE), BATCH_ID: batch.batch_id},
                     links=batch_link,
-                    attributes={**frame_attributes(meta, INFERENCE, group), **batch_info, **model},
-                    start_time=min(batch.dispatched_ns, ended),
+                    error=error,
                 )
-                _error(step, "internal_error", f"inference failed: {type(exc).__name__}")
-                step.end(end_time=ended)
             raise
         ended = time.time_ns()
-        described = _model_attributes(results[0] if results else None, model)
-        span.set_attributes(described)
-        span.set_attribute("streamsight.detections", sum(len(r.detections) for r in results))
-        span.end(end_time=ended)
+        described.update(_model_attributes(results[0] if results else None, model))
+        described["streamsight.detections"] = sum(len(r.detections) for r in results)
+        spans.record(
+            INFERENCE_BATCH_SPAN, None, started, ended, described, links=links, context=context
+        )
         same_order = len(results) == len(frames)
         for index, result in enumerate(results):
             if same_order and result.meta is metas[index]:
-                ctx = parents[index][0]
+                parent = parents[index]
             else:
-                ctx = extract(result.meta.trace_carrier)
-            step = tracer.start_span(
+                parent = span_context_of(result.meta.trace_carrier)
+            spans.record(
                 SPAN_NAMES[INFERENCE],
-                context=ctx,
-                links=batch_link,
-                attributes={
-                    **frame_attributes(result.meta, INFERENCE, group),
-                    **batch_info,
-                    **_model_attributes(result, model),
+                parent,
+                dispatched,
+                result.inferred_ns,
+                {
+                    **step_attributes(result.meta, INFERENCE),
+                    BATCH_ID: batch.batch_id,
                     "streamsight.detections": len(result.detections),
                 },
-                start_time=min(batch.dispatched_ns, result.inferred_ns),
+                links=batch_link,
             )
-            step.end(end_time=result.inferred_ns)
         return results
 
     return run
@@ -835,30 +1013,41 @@ def traced_infer(
 # Sink writes ------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Write:
+    """The sink-write span of one item, written when the write batch ends."""
+
+    context: SpanContext
+    parent: SpanContext
+    attributes: Attributes
+    job_id: str
+    error: Error | None = None
+
+
 class _FrameWrites:
-    """The open sink-write spans of one write batch, by item."""
+    """The sink-write spans of one write batch, by item."""
 
     def __init__(self) -> None:
-        self.spans: dict[int, tuple[Span, str]] = {}
+        self.spans: dict[int, _Write] = {}
 
     def carrier(self, item: object) -> dict[str, str]:
         """Headers that continue the item's trace under its sink-write span."""
         found = self.spans.get(id(item))
-        return carrier_of(found[0], found[1]) if found else {}
+        return carrier_of(found.context, found.job_id) if found else {}
 
     def skipped(self, item: object) -> None:
         """The item was already stored: nothing written."""
         found = self.spans.get(id(item))
         if found:
-            found[0].set_attribute("streamsight.sink.outcome", "duplicate")
+            found.attributes["streamsight.sink.outcome"] = "duplicate"
 
     def failed(self, item: object, reason: str, detail: str) -> None:
         """The item became a dead letter here."""
         found = self.spans.get(id(item))
         if found:
-            found[0].set_attribute("streamsight.sink.outcome", "dead_letter")
-            found[0].set_attribute("streamsight.dead_letter.reason", reason)
-            _error(found[0], reason, detail)
+            found.attributes["streamsight.sink.outcome"] = "dead_letter"
+            found.attributes["streamsight.dead_letter.reason"] = reason
+            found.error = (reason, detail)
 
 
 def write_tracer(
@@ -870,8 +1059,8 @@ def write_tracer(
     nothing is published), `store` the database system. None when tracing is off."""
     if not tracing.enabled:
         return None
-    tracer = tracing.tracer
-    group = tracing.consumer_group
+    spans = _recorder(tracing)
+    name = SPAN_NAMES[SINK]
     destination: Attributes = {"db.system.name": store}
     if topic is not None:
         destination.update(
@@ -882,77 +1071,34 @@ def write_tracer(
             }
         )
 
-    def attributes_of(item: Any, ctx: Context) -> tuple[Attributes, str]:
+    def write_of(item: Any) -> _Write:
         if isinstance(item, FrameResult):
-            attributes = frame_attributes(item.meta, SINK, group)
+            parent = span_context_of(item.meta.trace_carrier)
+            attributes = step_attributes(item.meta, SINK)
             attributes[BATCH_ID] = item.batch_id
             attributes["streamsight.detections"] = len(item.detections)
+            attributes["streamsight.sink.outcome"] = "written"
             job_id = item.meta.job_id
+            error = None
         else:
-            attributes = _letter_attributes(item, ctx, SINK)
+            parent = span_context_of(item.trace_carrier)
+            attributes = _letter_attributes(item, extract(item.trace_carrier), SINK)
+            attributes["streamsight.sink.outcome"] = "dead_letter"
+            attributes["streamsight.source.topic"] = bounded(item.topic)
+            attributes["streamsight.source.partition"] = item.partition
+            attributes["streamsight.source.offset"] = item.offset
             job_id = str(attributes[JOB_ID])
-        source = (
-            (item.meta.topic, item.meta.partition, item.meta.offset)
-            if isinstance(item, FrameResult)
-            else (item.topic, item.partition, item.offset)
-        )
-        attributes.pop("messaging.destination.partition.id", None)
-        attributes.pop("messaging.kafka.offset", None)
-        attributes.update(
-            {
-                "streamsight.source.topic": bounded(source[0]),
-                "streamsight.source.partition": source[1],
-                "streamsight.source.offset": source[2],
-            }
-        )
+            error = (item.reason, item.detail)
         attributes.update(destination)
-        return attributes, job_id
+        context = spans.context(name, parent, kind=SpanKind.PRODUCER)
+        return _Write(context, parent, attributes, job_id, error)
 
     @contextmanager
     def trace_writes(items: Sequence[Any]) -> Iterator[_FrameWrites]:
         started = time.time_ns()
         writes = _FrameWrites()
-        links: list[Link] = []
-        jobs: list[str] = []
-        cameras: list[str] = []
         for item in items:
-            carrier = (
-                item.meta.trace_carrier if isinstance(item, FrameResult) else item.trace_carrier
-            )
-            ctx, span_context = _span_context_of(carrier)
-            attributes, job_id = attributes_of(item, ctx)
-            jobs.append(job_id)
-            cameras.append(str(attributes[CAMERA]))
-            if span_context.is_valid:
-                links.append(Link(span_context, {FRAME_ID: str(attributes.get(FRAME_ID, ""))}))
-            span = tracer.start_span(
-                SPAN_NAMES[SINK],
-                context=ctx,
-                kind=SpanKind.PRODUCER,
-                attributes=attributes,
-                start_time=started,
-            )
-            if isinstance(item, DeadLetter):
-                span.set_attribute("streamsight.sink.outcome", "dead_letter")
-                _error(span, item.reason, item.detail)
-            else:
-                span.set_attribute("streamsight.sink.outcome", "written")
-            writes.spans[id(item)] = (span, job_id)
-        batch_span = tracer.start_span(
-            SINK_BATCH_SPAN,
-            context=Context(),
-            kind=SpanKind.PRODUCER,
-            links=links,
-            attributes={
-                STAGE: SINK,
-                SCOPE_ATTR: "batch",
-                JOB_ID: joined(jobs),
-                CAMERA: joined(cameras),
-                "messaging.batch.message_count": len(items),
-                **destination,
-            },
-            start_time=started,
-        )
+            writes.spans[id(item)] = write_of(item)
         failure: BaseException | None = None
         try:
             yield writes
@@ -961,12 +1107,41 @@ def write_tracer(
             raise
         finally:
             ended = time.time_ns()
-            for span, _ in writes.spans.values():
+            links: list[Link] = []
+            for write in writes.spans.values():
+                if write.parent.is_valid:
+                    frame_id = str(write.attributes.get(FRAME_ID, ""))
+                    links.append(Link(write.parent, {FRAME_ID: frame_id}))
+                error = write.error
                 if failure is not None:
-                    _error(span, "sink_error", type(failure).__name__)
-                span.end(end_time=ended)
-            if failure is not None:
-                _error(batch_span, "sink_error", type(failure).__name__)
-            batch_span.end(end_time=ended)
+                    error = ("sink_error", type(failure).__name__)
+                spans.record(
+                    name,
+                    write.parent,
+                    started,
+                    ended,
+                    write.attributes,
+                    kind=SpanKind.PRODUCER,
+                    error=error,
+                    context=write.context,
+                )
+            written = list(writes.spans.values())
+            spans.record(
+                SINK_BATCH_SPAN,
+                None,
+                started,
+                ended,
+                {
+                    STAGE: SINK,
+                    SCOPE_ATTR: "batch",
+                    JOB_ID: joined([w.job_id for w in written]),
+                    CAMERA: joined([str(w.attributes[CAMERA]) for w in written]),
+                    "messaging.batch.message_count": len(written),
+                    **destination,
+                },
+                kind=SpanKind.PRODUCER,
+                links=links,
+                error=("sink_error", type(failure).__name__) if failure is not None else None,
+            )
 
     return trace_writes

@@ -1,0 +1,143 @@
+"""The span export process and its encoder: records of the pipeline's spans encode to the
+very request the SDK's OTLP encoder builds, and spans recorded in this process arrive,
+all of them, at an exporter running in the child process."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from flows.camera import OutgoingFrame
+from operators import dead_letters as dl
+from operators.frames import FrameBatch, FrameMeta, FrameResult, PreparedFrame, RawFrame
+from operators.span_export import (
+    EncodingExporter,
+    ExportProcess,
+    RecordEncoder,
+    readable_span,
+    span_record,
+)
+from operators.tracing import (
+    Tracing,
+    send_tracer,
+    setup_tracing,
+    traced_infer,
+    traced_prepare,
+    write_tracer,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+
+
+def trace_frames(tracing: Tracing, frames: int = 6) -> None:
+    """Send, ingest, preprocess, batch, infer and write `frames` frames (the last one a
+    dead letter) through the tracing wrappers."""
+    send = send_tracer(tracing, "frames", "job-1")
+    assert send is not None
+    now_ms = time.time() * 1000
+
+    def prepare(raw: RawFrame) -> PreparedFrame | object:
+        if raw.offset == frames - 1:
+            return dl.reject(raw, stage="decode", reason=dl.CORRUPT_IMAGE, detail="bad")
+        meta = FrameMeta(
+            f"job-1/cam-0/{raw.offset}", "job-1", "cam-0", raw.offset, raw.topic, 0,
+            raw.offset, time.time_ns(), raw.ingest_ns, "ab" * 32, 320, 240,
+        )  # fmt: skip
+        return PreparedFrame(meta, np.zeros((2, 2, 3), np.uint8), time.time_ns())
+
+    raws = []
+    for seq in range(frames):
+        carrier = send(OutgoingFrame("cam-0", seq, b"", now_ms))
+        headers = tuple((k, v.encode()) for k, v in carrier.items())
+        raws.append(
+            RawFrame("frames", 0, seq, b"cam-0", b"x", headers, int(now_ms), time.time_ns())
+        )
+    outs = [traced_prepare(tracing, prepare)(raw) for raw in raws]  # type: ignore[arg-type]
+    good = tuple(o for o in outs if isinstance(o, PreparedFrame))
+
+    def infer(batch: FrameBatch) -> list[FrameResult]:
+        done = time.time_ns()
+        return [
+            FrameResult(f.meta, (), "det", "1", "cpu", len(batch.frames), "size", 0, done, "b1")
+            for f in batch.frames
+        ]
+
+    now = time.time_ns()
+    batch = FrameBatch("0", good, "size", now, now, "b1")
+    results = traced_infer(tracing, infer, {"streamsight.device": "cpu"})(batch)
+    writes = write_tracer(tracing, topic="detections", store="sqlite")
+    assert writes is not None
+    with writes([*results, *(o for o in outs if not isinstance(o, PreparedFrame))]):
+        pass
+
+
+def test_records_encode_to_the_sdk_encoders_request() -> None:
+    memory = InMemorySpanExporter()
+    tracing = setup_tracing(exporter=memory, processor=SimpleSpanProcessor, flush_at_exit=False)
+    trace_frames(tracing)
+    spans = list(memory.get_finished_spans())
+    kinds = {span.name for span in spans}
+    assert {"preprocess", "batch wait", "inference", "inference batch", "sink write"} <= kinds
+    assert any(span.links for span in spans) and any(not span.status.is_ok for span in spans)
+    assert any(span.parent is not None and span.parent.is_remote for span in spans)
+
+    records = [span_record(span) for span in spans]
+    resource, scope = spans[0].resource, spans[0].instrumentation_scope
+    assert scope is not None
+    encoder = RecordEncoder(resource, scope)
+    expected = encode_spans(spans)
+    for _ in range(2):  # the second time from the cache
+        encoded = encoder.request(records)
+        assert encoded == expected
+        assert encoded.SerializeToString(deterministic=True) == expected.SerializeToString(
+            deterministic=True
+        )
+    rebuilt: list[ReadableSpan] = [readable_span(r, resource, scope) for r in records]
+    assert encode_spans(rebuilt) == expected
+
+
+def test_an_encoder_with_a_full_cache_starts_over() -> None:
+    memory = InMemorySpanExporter()
+    tracing = setup_tracing(exporter=memory, processor=SimpleSpanProcessor, flush_at_exit=False)
+    trace_frames(tracing)
+    spans = list(memory.get_finished_spans())
+    scope = spans[0].instrumentation_scope
+    assert scope is not None
+    encoder = RecordEncoder(spans[0].resource, scope, max_cached=4)
+    assert encoder.request([span_record(s) for s in spans]) == encode_spans(spans)
+    assert len(encoder._cache) <= 4
+
+
+def test_the_export_process_exports_every_span() -> None:
+    tracing = setup_tracing(make_exporter=EncodingExporter, flush_at_exit=False)
+    assert isinstance(tracing.processor, ExportProcess)
+    child = tracing.processor.process
+    trace_frames(tracing, frames=40)
+    tracing.flush()
+    # 40 sends, 40 ingests, 40 preprocess, 39 x (wait, inference, sink write), 1 dead
+    # letter's sink write, the inference batch and the sink write batch.
+    assert tracing.processor.stats == {"received": 240, "exported": 240, "failures": 0}
+    assert tracing.exported() == 240
+    assert child.poll() == 0
+
+
+def test_the_export_process_ends_when_its_parent_stops_writing() -> None:
+    traced = setup_tracing(exporter=InMemorySpanExporter(), flush_at_exit=False)
+    assert traced.provider is not None
+    processor = ExportProcess(traced.provider.resource)
+    assert processor.process.poll() is None
+    processor.shutdown(timeout_s=10)
+    assert processor.process.poll() == 0
+    assert processor.stats is not None and processor.stats["received"] == 0
