@@ -51,6 +51,7 @@ def adaptive_controller(settings: Settings) -> AdaptiveBatching:
             max_size=settings.batch_adaptive_max_size,
             max_delay_s=settings.batch_max_delay_ms / 1000.0,
             latency_slo_s=settings.batch_latency_slo_ms / 1000.0,
+            initial_size=min(settings.batch_max_size, settings.batch_adaptive_max_size),
         )
     )
 

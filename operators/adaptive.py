@@ -8,7 +8,9 @@ whose forward pass fits the latency SLO when the load is high (large batches: th
 frames per second). The delay bound is the time the batch needs to fill at the observed
 rate, capped so that waiting plus the forward pass stays within the SLO; with no need to
 wait, it is zero and a batch holds whatever arrived together. When frames reach the batch
-already older than half the SLO (a backlog), it takes the largest size the SLO allows.
+already older than half the SLO (a backlog), it takes the largest size the SLO allows
+(the largest size of all when no batch fits the SLO, as with a heavy model) and the
+configured delay bound, so that batches fill from the waiting frames.
 
 Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
 the worker threads of a process.
@@ -32,6 +34,9 @@ class AdaptiveBounds:
     target_load: float = 0.8
     decay: float = 0.9
     rate_window_s: float = 0.5
+    initial_size: int | None = None
+    """The size to start from, before any batch has been measured (default: `max_size`,
+    capped at 16): a fixed setting that works, which the controller then tunes."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_size <= self.max_size:
@@ -40,6 +45,17 @@ class AdaptiveBounds:
             raise ValueError("max_delay_s must be >= 0 and latency_slo_s > 0")
         if not 0 < self.target_load < 1 or not 0 < self.decay < 1:
             raise ValueError("target_load and decay must be in (0, 1)")
+        if self.initial_size is not None and not (
+            self.min_size <= self.initial_size <= self.max_size
+        ):
+            raise ValueError("need min_size <= initial_size <= max_size")
+
+    def start(self) -> BatchLimits:
+        """The limits before anything is known: `initial_size` and `max_delay_s` (frames
+        arrive in bursts of a whole fetch: starting at size 1 would cut a first backlog
+        into batches of one)."""
+        size = self.initial_size or max(self.min_size, min(self.max_size, 16))
+        return BatchLimits(size, int(self.max_delay_s * 1e9) if size > 1 else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +80,7 @@ class AdaptiveBatching:
         self._window_frames = 0
         self._keys: dict[str, int] = {}
         self._wait_s = 0.0
-        self._limits = BatchLimits(bounds.min_size, 0)
+        self._limits = bounds.start()
 
     # Observations ---------------------------------------------------------------------
 
@@ -139,7 +155,7 @@ class AdaptiveBatching:
     def _update(self) -> None:
         b = self.bounds
         if self._cost(1) is None:
-            self._limits = BatchLimits(b.min_size, 0)
+            self._limits = b.start()
             return
         slo = b.latency_slo_s
         # The largest size whose forward pass leaves half the SLO for waiting and queueing.
@@ -148,6 +164,7 @@ class AdaptiveBatching:
             cost = self._cost(size) or 0.0
             if cost <= slo / 2:
                 cap = size
+        fits = (self._cost(cap) or 0.0) <= slo / 2
         rate = self._rate
         size = cap
         if rate > 0:
@@ -156,11 +173,17 @@ class AdaptiveBatching:
                 if rate * cost / candidate <= b.target_load:
                     size = candidate
                     break
+        keys = max(len(self._keys), 1)
         if self._wait_s > slo / 2:
             # Frames reach the batcher late: a backlog, so the most frames per second.
-            size = cap
-        keys = max(len(self._keys), 1)
-        if size <= 1 or rate <= 0:
+            # They are already waiting, so the batch fills as fast as they are handed over;
+            # the delay only bounds a lull (with none, each batch would hold no more than
+            # one hand-over and the backlog would drain in small, slow batches).
+            # When not even the smallest batch fits the SLO, latency is lost to the model
+            # whatever the size: the largest batch then drains the backlog fastest.
+            size = cap if fits else b.max_size
+            delay_s = b.max_delay_s if size > 1 else 0.0
+        elif size <= 1 or rate <= 0:
             delay_s = 0.0
         else:
             fill_s = size * keys / rate

@@ -63,10 +63,14 @@ def test_bounds_are_checked() -> None:
         AdaptiveBounds(latency_slo_s=0)
 
 
-def test_starts_small_and_without_delay() -> None:
-    controller = AdaptiveBatching(AdaptiveBounds(min_size=2, max_size=32))
-    assert controller.limits() == BatchLimits(2, 0)
+def test_starts_from_the_initial_size_with_the_delay_bound() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(min_size=2, max_size=32, initial_size=8))
+    assert controller.limits() == BatchLimits(8, 50_000_000)
     assert controller.cost_s(8) is None
+    assert AdaptiveBatching(AdaptiveBounds(max_size=64)).limits().max_size == 16
+    assert AdaptiveBatching(AdaptiveBounds(max_size=1)).limits() == BatchLimits(1, 0)
+    with pytest.raises(ValueError):
+        AdaptiveBounds(max_size=8, initial_size=16)
 
 
 def test_learns_a_linear_cost_model() -> None:
@@ -136,3 +140,13 @@ def test_a_backlog_takes_the_largest_size_the_slo_allows() -> None:
     assert controller.limits().max_size == 1
     controller.observe_inference(2, cost(2), wait_s=5.0)
     assert controller.limits().max_size == 64
+    # The frames are waiting: the batch may take its delay bound to fill from them.
+    assert controller.limits().max_delay_ns == 50_000_000
+
+
+def test_a_model_slower_than_the_slo_still_drains_a_backlog_in_large_batches() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    for size in (1, 2):
+        controller.observe_inference(size, 0.15 + 0.01 * size, wait_s=5.0)
+    assert controller.limits().max_size == 64
+    assert controller.limits().max_delay_ns > 0
