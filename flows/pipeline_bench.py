@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from bytewax.testing import run_main
+from bytewax.testing import cluster_main
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from PIL import Image
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
+from flows.backlog_bench import streamed_rss
 from flows.camera import OutgoingFrame, camera_id, publish, synthetic_frames
 from flows.embedded import EmbeddedBroker
 from flows.pipeline import build_flow
@@ -165,8 +166,11 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 class Bench:
     """The broker, the model and the frames shared by every measurement."""
 
-    def __init__(self, workdir: Path, distinct_frames: int, model_scale: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, distinct_frames: int, model_scale: int = 1, workers: int = 1
+    ) -> None:
         self.workdir = workdir
+        self.workers = workers
         self.broker = EmbeddedBroker()
         self.inferencer = Inferencer.create(scaled_detector(model_scale), device="auto")
         per_camera = max(distinct_frames // CAMERAS, 1)
@@ -280,7 +284,7 @@ class Bench:
         )
         cpu0, wall0 = _cpu_s(), time.perf_counter()
         with GpuUtilisation() as gpu:
-            run_main(flow)
+            cluster_main(flow, [], 0, worker_count_per_proc=self.workers)
         wall = time.perf_counter() - wall0
         cpu = _cpu_s() - cpu0
         tracing.flush()
@@ -435,19 +439,25 @@ class Plan:
     delays_ms: tuple[float, ...]
     loads: tuple[float, ...]
     distinct_frames: int
+    repeats: int = 3
+    backlog_runs: tuple[int, ...] = (10_000, 100_000)
 
 
 FULL = Plan(
-    2400, 600, 6.0, 2.0, (1, 4, 16, 64), (0.0, 10.0, 50.0, 100.0), (0.2, 0.5, 0.7, 0.9), 256
+    2200, 600, 6.0, 2.0, (1, 4, 16, 64), (0.0, 10.0, 50.0, 100.0), (0.2, 0.5, 0.7, 0.9), 256
 )
-QUICK = Plan(96, 32, 1.5, 0.2, (1, 16), (0.0, 50.0), (0.3, 0.7), 16)
+QUICK = Plan(
+    96, 32, 1.5, 0.2, (1, 16), (0.0, 50.0), (0.3, 0.7), 16, repeats=2, backlog_runs=(300, 900)
+)
 
 
-def run(plan: Plan, out: Path, console: Console, model_scale: int = 1) -> dict[str, Any]:
+def run(
+    plan: Plan, out: Path, console: Console, model_scale: int = 1, workers: int = 1
+) -> dict[str, Any]:
     """Every measurement of the plan; the report as a dict."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="streamsight-bench-") as tmp:
-        bench = Bench(Path(tmp), plan.distinct_frames, model_scale)
+        bench = Bench(Path(tmp), plan.distinct_frames, model_scale, workers)
         try:
             return _measure(bench, plan, out, console)
         finally:
@@ -463,11 +473,13 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
 
     adaptive = base.model_copy(update={"batch_adaptive": True})
     log = console.log
-    log("saturation, default settings, telemetry off (twice)")
-    sat_runs = [bench.saturation(base, plan.saturation_frames) for _ in range(2)]
-    capacity = statistics.fmean(r.fps for r in sat_runs)
-    log("saturation, telemetry on (twice)")
-    tel_runs = [bench.saturation(base, plan.saturation_frames, telemetry=True) for _ in range(2)]
+    log(f"saturation, default settings, telemetry off and on in turn ({plan.repeats} each)")
+    sat_runs: list[RunResult] = []
+    tel_runs: list[RunResult] = []
+    for _ in range(plan.repeats):
+        sat_runs.append(bench.saturation(base, plan.saturation_frames))
+        tel_runs.append(bench.saturation(base, plan.saturation_frames, telemetry=True))
+    capacity = statistics.median(r.fps for r in sat_runs)
     log("naive loop (twice)")
     naive_runs = [bench.naive(plan.naive_frames) for _ in range(2)]
     log("compute-bound ceiling (twice)")
@@ -509,8 +521,14 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     unbatched_low = bench.paced(fixed(1, 0.0), low * capacity, plan.paced_seconds)
     at_rate = lat_delay.get(base.batch_max_delay_ms) or lat_size.get(default_size) or by_load[low]
 
+    memory: dict[str, Any] | None = None
+    if plan.backlog_runs:
+        counts = ", ".join(f"{n:,}" for n in plan.backlog_runs)
+        log(f"peak RSS after {counts} frames through a bounded backlog (own processes)")
+        memory = streamed_rss(plan.backlog_runs, log=log)
+
     naive_fps = statistics.fmean(r["frames_per_s"] for r in naive_runs)
-    tel_fps = statistics.fmean(r.fps for r in tel_runs)
+    tel_fps = statistics.median(r.fps for r in tel_runs)
     best_fixed_sat = max(r.fps for r in by_size.values())
     best_fixed_low = min(by_load[low].latency_ms["p99"], unbatched_low.latency_ms["p99"])
     report: dict[str, Any] = {
@@ -565,7 +583,9 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "pipeline_over_ceiling": round(capacity / ceiling["mean"], 3),
             "telemetry_on_over_off": round(tel_fps / capacity, 3),
             "adaptive_over_best_fixed": round(adaptive_sat.fps / best_fixed_sat, 3),
+            "rss_100k_over_10k": memory["rss_largest_over_smallest"] if memory else None,
         },
+        "memory": memory,
         "targets": TARGETS,
     }
     _print(report, console)
@@ -620,12 +640,24 @@ def _print(report: dict[str, Any], console: Console) -> None:
             f">= {t['adaptive_over_best_fixed']}",
         ),
         (
-            "adaptive low load p99 (best fixed)",
-            f"{report['adaptive']['low_load']['latency_ms']['p99']:.0f} ms "
-            f"({report['adaptive']['low_load_p99_ms_best_fixed']:.0f} ms)",
-            "",
+            "adaptive low load: best fixed p99 / adaptive p99",
+            f"{report['adaptive']['low_load_p99_over_adaptive']:.2f} "
+            f"({report['adaptive']['low_load_p99_ms_best_fixed']:.0f} / "
+            f"{report['adaptive']['low_load']['latency_ms']['p99']:.0f} ms)",
+            f">= {t['adaptive_over_best_fixed']}",
         ),
     ]
+    memory = report.get("memory")
+    if memory:
+        runs = memory["runs"]
+        peaks = " / ".join(f"{runs[k]['peak_rss_mb']:.0f}" for k in runs)
+        rows.append(
+            (
+                f"peak RSS after {' / '.join(f'{int(k):,}' for k in runs)} frames, MiB",
+                f"{peaks}: ratio {memory['rss_largest_over_smallest']:.3f}",
+                f"<= {t['rss_100k_over_10k']}",
+            )
+        )
     for size, row in report["sweeps"]["batch_size_saturation"].items():
         rows.append((f"saturation, batch {size}", f"{row['frames_per_s']:.0f} frames/s", ""))
     for name in ("batch_size_latency", "max_delay_latency", "offered_load"):
@@ -699,14 +731,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=1,
         help="run a detector this many times wider (untrained; compute only)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="Bytewax worker threads of the dataflow"
+    )
+    parser.add_argument(
+        "--no-backlog", action="store_true", help="skip the peak-RSS runs (minutes)"
+    )
     args = parser.parse_args(argv)
-    if args.model_scale < 1:
-        parser.error("--model-scale must be at least 1")
+    if args.model_scale < 1 or args.workers < 1:
+        parser.error("--model-scale and --workers must be at least 1")
     plan = QUICK if args.quick else FULL
+    if args.no_backlog:
+        plan = replace(plan, backlog_runs=())
     if args.frames:
         plan = replace(
             plan,
             saturation_frames=args.frames,
             naive_frames=max(plan.naive_frames, args.frames // 4),
         )
-    return run(plan, args.out, Console(stderr=True), args.model_scale)
+    return run(plan, args.out, Console(stderr=True), args.model_scale, args.workers)

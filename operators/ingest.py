@@ -21,6 +21,9 @@ from operators.frames import DeadLetter, RawFrame
 STAGE = "ingest"
 # librdkafka waits up to 500 ms for a fetch to fill by default: too long for live video.
 FETCH_WAIT_MAX_MS = 20
+# Each partition's consumer prefetches up to this much (librdkafka's default is 64 MiB per
+# partition: a large backlog would fill memory with frames waiting to be decoded).
+PREFETCH_MAX_KBYTES = 4096
 
 EndOffsets = Callable[[], Mapping[tuple[str, int], int] | None]
 
@@ -129,7 +132,10 @@ def frame_source(
         tail=tail or end_offsets is not None,
         starting_offset=OFFSET_BEGINNING,
         add_config={k: v for k, v in client_config.items() if k != "bootstrap.servers"},
-        consumer_config={"fetch.wait.max.ms": FETCH_WAIT_MAX_MS},
+        consumer_config={
+            "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
+            "queued.max.messages.kbytes": PREFETCH_MAX_KBYTES,
+        },
         batch_size=batch_size,
         raise_on_errors=False,
         end_offsets=end_offsets,

@@ -30,7 +30,17 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
         "pipeline_over_ceiling",
         "telemetry_on_over_off",
         "adaptive_over_best_fixed",
+        "rss_100k_over_10k",
     }
+    # Every frame's five spans (and the batches') went through the export process.
+    for run in pipeline["telemetry_on"]:
+        assert run["spans_exported"] >= 5 * run["frames"]
+    memory = report["memory"]
+    assert set(memory["runs"]) == {"300", "900"}
+    for count, run in memory["runs"].items():
+        assert run["frames"] == run["stored"] == int(count) and run["dead_letters"] == 0
+        assert run["peak_rss_mb"] > 0
+    assert report["ratios"]["rss_100k_over_10k"] == memory["rss_largest_over_smallest"] > 0
     assert set(report["sweeps"]) == {
         "batch_size_saturation",
         "batch_size_latency",
