@@ -36,14 +36,11 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
-    DEFAULT_TRACE_STATE,
     Link,
     SpanContext,
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
-    TraceState,
 )
 
 from operators.tracing import (
@@ -54,6 +51,7 @@ from operators.tracing import (
     context_record,
     environment_exporter,
     quiet_exporter_logs,
+    span_context,
 )
 
 log = logging.getLogger(__name__)
@@ -63,18 +61,10 @@ EXPORT_BATCH = 512
 
 # Records ----------------------------------------------------------------------------------
 
-ContextRecord = tuple[int, int, int, str, bool]
-"""A span context as (trace id, span id, trace flags, trace state header, is remote)."""
 SpanRecord = tuple[Any, ...]
 """A finished span as plain values (pickled at C speed): name, kind, start, end, context,
 parent context (or None), attributes, links as (context, attributes), status as (code,
 description)."""
-
-
-def _context_of(record: ContextRecord) -> SpanContext:
-    trace_id, span_id, flags, state, remote = record
-    trace_state = TraceState.from_header([state]) if state else DEFAULT_TRACE_STATE
-    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), trace_state)
 
 
 def span_record(span: ReadableSpan) -> SpanRecord:
@@ -99,11 +89,11 @@ def readable_span(
     name, kind, start, end, context, parent, attributes, links, (code, description) = record
     return ReadableSpan(
         name=name,
-        context=_context_of(context),
-        parent=_context_of(parent) if parent is not None else None,
+        context=span_context(context),
+        parent=span_context(parent) if parent is not None else None,
         resource=resource,
         attributes=attributes,
-        links=tuple(Link(_context_of(c), a) for c, a in links),
+        links=tuple(Link(span_context(c), a) for c, a in links),
         kind=SpanKind(kind),
         status=Status(StatusCode(code), description),
         start_time=start,

@@ -52,7 +52,6 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     DEFAULT_TRACE_STATE,
-    INVALID_SPAN_CONTEXT,
     Link,
     SpanContext,
     SpanKind,
@@ -468,18 +467,44 @@ Error = tuple[str, str]
 """A failed step: the reason (`error.type`) and a detail for the status message."""
 
 
+Ctx = tuple[int, int, int, str, bool]
+"""A span context as plain values: trace id, span id, trace flags, trace state header,
+whether it came from a carrier (remote). The recorder's currency: cheaper than the SDK's
+`SpanContext`, and what the export process receives."""
+SpanLink = tuple[Ctx, Attributes]
+"""A link to another span: its context and the link's attributes."""
+
+
+def context_record(context: SpanContext) -> Ctx:
+    """The plain-values form of an SDK span context."""
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return (context.trace_id, context.span_id, int(context.trace_flags), state, context.is_remote)
+
+
+def span_context(ctx: Ctx) -> SpanContext:
+    """The SDK span context of plain values."""
+    trace_id, span_id, flags, state, remote = ctx
+    trace_state = TraceState.from_header([state]) if state else DEFAULT_TRACE_STATE
+    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), trace_state)
+
+
+def sampled(ctx: Ctx | None) -> bool:
+    """Whether the span of `ctx` is recorded."""
+    return ctx is not None and bool(ctx[2] & TraceFlags.SAMPLED)
+
+
 class SpanRecorder:
     """Writes spans whose start and end are known once they are written, as every span of
     a frame is: each becomes a finished `ReadableSpan` handed straight to the span
     processor, without the SDK's live-span bookkeeping (context, locks, re-validation of
-    attributes), which costs about five times as much per span.
+    attributes), which costs about five times as much per span. A processor with an
+    `on_record` method (`ExportProcess`) gets the span as a plain record
+    (`span_export.SpanRecord`) instead, without any SDK object at all.
 
-    A processor with an `on_record` method (`ExportProcess`) gets the span as a plain
-    record (`span_export.SpanRecord`) instead, without building the SDK span at all.
-
-    Sampling is the provider's sampler's: a child takes its parent's sampled flag (the
-    parent-based rule), a root or a span with links asks the sampler. Attributes must
-    already be bounded (`bounded`), since the SDK's span limits are not applied here.
+    Sampling follows the provider's parent-based sampler: a child takes its parent's
+    sampled flag, a span with links is sampled when one of them is (`LinkAwareSampler`),
+    another root asks the sampler. Attributes must already be bounded (`bounded`), since
+    the SDK's span limits are not applied here.
     """
 
     def __init__(self, provider: TracerProvider, processor: SpanProcessor) -> None:
@@ -495,41 +520,42 @@ class SpanRecorder:
     def context(
         self,
         name: str,
-        parent: SpanContext | None,
+        parent: Ctx | None,
         *,
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Attributes | None = None,
-        links: Sequence[Link] = (),
-    ) -> SpanContext:
+        links: Sequence[SpanLink] = (),
+    ) -> Ctx:
         """The context of a new span: in `parent`'s trace with its sampled flag, or (no
-        valid parent) a new trace that the sampler keeps or drops."""
+        parent) a new trace that the sampler keeps or drops."""
         span_id = self.ids.generate_span_id()
-        if parent is not None and parent.is_valid:
-            flags = TraceFlags(TraceFlags.SAMPLED if parent.trace_flags.sampled else 0)
-            return SpanContext(parent.trace_id, span_id, False, flags, parent.trace_state)
+        if parent is not None:
+            return (parent[0], span_id, parent[2] & TraceFlags.SAMPLED, parent[3], False)
         trace_id = self.ids.generate_trace_id()
-        decision = self.sampler.should_sample(Context(), trace_id, name, kind, attributes, links)
-        flags = TraceFlags(TraceFlags.SAMPLED if decision.decision.is_sampled() else 0)
-        return SpanContext(trace_id, span_id, False, flags, decision.trace_state)
+        if links:
+            return (trace_id, span_id, int(any(sampled(c) for c, _ in links)), "", False)
+        decision = self.sampler.should_sample(Context(), trace_id, name, kind, attributes)
+        state = decision.trace_state.to_header() if decision.trace_state else ""
+        return (trace_id, span_id, int(decision.decision.is_sampled()), state, False)
 
     def record(
         self,
         name: str,
-        parent: SpanContext | None,
+        parent: Ctx | None,
         start_ns: int,
         end_ns: int,
         attributes: Attributes,
         *,
         kind: SpanKind = SpanKind.INTERNAL,
-        links: Sequence[Link] = (),
+        links: Sequence[SpanLink] = (),
         error: Error | None = None,
-        context: SpanContext | None = None,
-    ) -> SpanContext:
+        context: Ctx | None = None,
+    ) -> Ctx:
         """Write one finished span (under `context` when given, else a new one) and
         return its context; an `error` sets `error.type` and the error status."""
         if context is None:
             context = self.context(name, parent, kind=kind, attributes=attributes, links=links)
-        if not context.trace_flags.sampled:
+        if not sampled(context):
             return context
         code, description = StatusCode.UNSET, None
         if error is not None:
@@ -537,45 +563,26 @@ class SpanRecorder:
             attributes["error.type"] = bounded(reason)
             code = StatusCode.ERROR
             description = bounded(f"{reason}: {detail}" if detail else reason)
-        if parent is not None and not parent.is_valid:
-            parent = None
+        start_ns = min(start_ns, end_ns)
         if self.on_record is not None:
-            self.on_record(
-                (
-                    name,
-                    kind.value,
-                    min(start_ns, end_ns),
-                    end_ns,
-                    context_record(context),
-                    context_record(parent) if parent is not None else None,
-                    attributes,
-                    [(context_record(link.context), dict(link.attributes or {})) for link in links],
-                    (code.value, description),
-                )
-            )
+            record = (name, kind.value, start_ns, end_ns, context, parent, attributes, links)
+            self.on_record((*record, (code.value, description)))
             return context
         span = ReadableSpan(
             name=name,
-            context=context,
-            parent=parent,
+            context=span_context(context),
+            parent=span_context(parent) if parent is not None else None,
             resource=self.resource,
             attributes=attributes,
-            links=tuple(links),
+            links=tuple(Link(span_context(c), a) for c, a in links),
             kind=kind,
             status=Status(code, description) if error is not None else _UNSET,
-            start_time=min(start_ns, end_ns),
+            start_time=start_ns,
             end_time=end_ns,
             instrumentation_scope=self.scope,
         )
         self.processor.on_end(span)
         return context
-
-
-def context_record(context: SpanContext) -> tuple[int, int, int, str, bool]:
-    """A span context as plain values: trace id, span id, trace flags, trace state header,
-    whether it is remote."""
-    state = context.trace_state.to_header() if context.trace_state else ""
-    return (context.trace_id, context.span_id, int(context.trace_flags), state, context.is_remote)
 
 
 # Context and attributes -------------------------------------------------------------------
@@ -586,43 +593,37 @@ def extract(carrier: Mapping[str, str]) -> Context:
     return PROPAGATOR.extract(dict(carrier))
 
 
-def span_context_of(carrier: Mapping[str, str]) -> SpanContext:
-    """The span context in a carrier's `traceparent` (invalid when there is none). The
+def span_context_of(carrier: Mapping[str, str]) -> Ctx | None:
+    """The span context in a carrier's `traceparent` (None when there is none). The
     carriers this module writes are read directly; anything else goes through the W3C
     propagator."""
     header = carrier.get("traceparent")
     if not header:
-        return INVALID_SPAN_CONTEXT
+        return None
     parts = header.split("-")
     if len(parts) == 4 and parts[0] == "00" and len(parts[1]) == 32 and len(parts[2]) == 16:
         try:
-            state = carrier.get("tracestate")
-            context = SpanContext(
-                int(parts[1], 16),
-                int(parts[2], 16),
-                True,
-                TraceFlags(int(parts[3], 16) & TraceFlags.SAMPLED),
-                TraceState.from_header([state]) if state else DEFAULT_TRACE_STATE,
-            )
+            trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
+            flags = int(parts[3], 16) & TraceFlags.SAMPLED
         except ValueError:
-            context = INVALID_SPAN_CONTEXT
-        if context.is_valid:
-            return context
-    return otel_trace.get_current_span(extract(carrier)).get_span_context()
+            trace_id = span_id = 0
+        if trace_id and span_id:
+            return (trace_id, span_id, flags, carrier.get("tracestate", ""), True)
+    return remote_parent(extract(carrier))
 
 
-def carrier_of(
-    context: SpanContext, job_id: str | None, parent: Context | None = None
-) -> dict[str, str]:
-    """The W3C headers that continue the trace under `context`: `traceparent`,
-    `tracestate`, and as `baggage` the parent's entries with the job ID."""
-    carrier = {
-        "traceparent": (
-            f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-        )
-    }
-    if context.trace_state:
-        carrier["tracestate"] = context.trace_state.to_header()
+def remote_parent(context: Context) -> Ctx | None:
+    """The span context held by an extracted context, or None."""
+    found = otel_trace.get_current_span(context).get_span_context()
+    return context_record(found) if found.is_valid else None
+
+
+def carrier_of(ctx: Ctx, job_id: str | None, parent: Context | None = None) -> dict[str, str]:
+    """The W3C headers that continue the trace under `ctx`: `traceparent`, `tracestate`,
+    and as `baggage` the parent's entries with the job ID."""
+    carrier = {"traceparent": f"00-{ctx[0]:032x}-{ctx[1]:016x}-{ctx[2]:02x}"}
+    if ctx[3]:
+        carrier["tracestate"] = ctx[3]
     entries = dict(baggage.get_all(parent)) if parent is not None else {}
     if job_id:
         entries[JOB_ID] = job_id
@@ -795,6 +796,11 @@ def _ingest_attributes(attributes: Attributes) -> Attributes:
     }
 
 
+def _own_baggage(job_id: str) -> str:
+    """The baggage header that carries nothing but `job_id` (what the camera sends)."""
+    return f"{JOB_ID}={quote_plus(job_id)}"
+
+
 def traced_prepare(
     tracing: Tracing, prepare: Callable[[RawFrame], PreparedFrame | DeadLetter]
 ) -> Callable[[RawFrame], PreparedFrame | DeadLetter]:
@@ -810,12 +816,17 @@ def traced_prepare(
         started = time.time_ns()
         out = prepare(raw)
         ended = time.time_ns()
-        parent_ctx = extract(carrier_from_headers(raw.headers))
-        parent = otel_trace.get_current_span(parent_ctx).get_span_context()
+        headers = carrier_from_headers(raw.headers)
+        parent = span_context_of(headers)
+        parent_ctx: Context | None = None
         if isinstance(out, PreparedFrame):
             attributes = frame_attributes(out.meta, INGEST, group)
             job_id: str = out.meta.job_id
+            entries = headers.get("baggage")
+            if entries and entries != _own_baggage(job_id):
+                parent_ctx = extract(headers)  # other baggage entries travel on
         else:
+            parent_ctx = extract(headers)
             attributes = {
                 **_letter_attributes(out, parent_ctx, INGEST),
                 **source_attributes(raw.topic, raw.partition, raw.offset, group),
@@ -867,7 +878,7 @@ def traced_source_error(
         }
         ingest = spans.record(
             f"process {letter.topic}",
-            otel_trace.get_current_span(parent_ctx).get_span_context(),
+            remote_parent(parent_ctx),
             now,
             now,
             _ingest_attributes(attributes),
@@ -946,14 +957,14 @@ def traced_infer(
                 dispatched,
                 {**step_attributes(frame.meta, BATCH_WAIT), **batch_info},
             )
-        links = [
-            Link(parent, {FRAME_ID: bounded(meta.frame_id)})
+        links: list[SpanLink] = [
+            (parent, {FRAME_ID: bounded(meta.frame_id)})
             for meta, parent in zip(metas, parents, strict=True)
-            if parent.is_valid
+            if parent is not None
         ]
         described = {**batch_attributes(metas, INFERENCE), **batch_info, **model}
         context = spans.context(INFERENCE_BATCH_SPAN, None, attributes=described, links=links)
-        batch_link = [Link(context, {BATCH_ID: batch.batch_id})]
+        batch_link: list[SpanLink] = [(context, {BATCH_ID: batch.batch_id})]
         started = time.time_ns()
         try:
             results = infer(batch)
@@ -1017,8 +1028,8 @@ def traced_infer(
 class _Write:
     """The sink-write span of one item, written when the write batch ends."""
 
-    context: SpanContext
-    parent: SpanContext
+    context: Ctx
+    parent: Ctx | None
     attributes: Attributes
     job_id: str
     error: Error | None = None
@@ -1107,11 +1118,11 @@ def write_tracer(
             raise
         finally:
             ended = time.time_ns()
-            links: list[Link] = []
+            links: list[SpanLink] = []
             for write in writes.spans.values():
-                if write.parent.is_valid:
+                if write.parent is not None:
                     frame_id = str(write.attributes.get(FRAME_ID, ""))
-                    links.append(Link(write.parent, {FRAME_ID: frame_id}))
+                    links.append((write.parent, {FRAME_ID: frame_id}))
                 error = write.error
                 if failure is not None:
                     error = ("sink_error", type(failure).__name__)
