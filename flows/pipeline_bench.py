@@ -291,15 +291,22 @@ class Bench:
         rows = collected.rows
         if not rows:
             raise RuntimeError("the dataflow wrote nothing")
-        first_in = min(r[1] for r in rows)
+        # Sustained rate: from the first batch written to the last, counting the frames
+        # written after the first batch. The first write waits for the sink producer's
+        # one-time start-up (its idempotent producer id: 0.5 s on the embedded broker).
+        first_out = min(r[2] for r in rows)
         last_out = max(r[2] for r in rows)
-        seconds = max((last_out - first_in) / 1e9, 1e-9)
+        counted = sum(1 for r in rows if r[2] > first_out)
+        if counted:
+            seconds = (last_out - first_out) / 1e9
+        else:
+            counted, seconds = len(rows), max((last_out - min(r[1] for r in rows)) / 1e9, 1e-9)
         latency = [(r[2] - r[0]) / 1e6 for r in rows if r[0] >= skip_before_ns]
         return RunResult(
             frames=len(rows),
             seconds=seconds,
             cpu_util=cpu / wall / (os.cpu_count() or 1),
-            fps=len(rows) / seconds,
+            fps=counted / seconds,
             latency_ms=percentiles(latency),
             mean_batch=len(rows) / sum(1.0 / r[3] for r in rows),
             peak_rss_mb=peak_rss_mb(),
