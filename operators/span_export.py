@@ -275,6 +275,9 @@ def export_main() -> None:
     span records, from stdin (pickles written by `ExportProcess`), export them, and at
     the end of input write what was exported as JSON to the file descriptor in argv[1]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     quiet_exporter_logs()
     source = sys.stdin.buffer
     make_exporter, attributes, schema_url = pickle.load(source)
