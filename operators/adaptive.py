@@ -9,8 +9,9 @@ frames per second). The delay bound is the time the batch needs to fill at the o
 rate, capped so that waiting plus the forward pass stays within the SLO; with no need to
 wait, it is zero and a batch holds whatever arrived together. When frames reach the batch
 already older than half the SLO (a backlog), it takes the largest size the SLO allows
-(the largest size of all when no batch fits the SLO, as with a heavy model) and the
-configured delay bound, so that batches fill from the waiting frames.
+(the largest size of all once frames are older than the SLO, or when no batch fits it,
+as with a heavy model) and the configured delay bound, so that batches fill from the
+waiting frames.
 
 Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
 the worker threads of a process.
@@ -179,9 +180,10 @@ class AdaptiveBatching:
             # They are already waiting, so the batch fills as fast as they are handed over;
             # the delay only bounds a lull (with none, each batch would hold no more than
             # one hand-over and the backlog would drain in small, slow batches).
-            # When not even the smallest batch fits the SLO, latency is lost to the model
-            # whatever the size: the largest batch then drains the backlog fastest.
-            size = cap if fits else b.max_size
+            # When frames are already older than the SLO, or not even the smallest batch
+            # fits it, the SLO is lost whatever the size: the largest batch then drains
+            # the backlog fastest.
+            size = cap if fits and self._wait_s <= slo else b.max_size
             delay_s = b.max_delay_s if size > 1 else 0.0
         elif size <= 1 or rate <= 0:
             delay_s = 0.0
