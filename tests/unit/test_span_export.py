@@ -141,3 +141,21 @@ def test_the_export_process_ends_when_its_parent_stops_writing() -> None:
     processor.shutdown(timeout_s=10)
     assert processor.process.poll() == 0
     assert processor.stats is not None and processor.stats["received"] == 0
+
+
+def test_a_dead_export_process_drops_spans_without_stopping_the_flow(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracing = setup_tracing(make_exporter=EncodingExporter, flush_at_exit=False)
+    assert isinstance(tracing.processor, ExportProcess)
+    tracing.processor.process.kill()
+    tracing.processor.process.wait(5)
+    for _ in range(5):  # more than one batch of 256 records: the pipe write fails
+        trace_frames(tracing, frames=20)
+        tracing.processor.force_flush()
+        time.sleep(0.05)
+    started = time.monotonic()
+    tracing.flush()
+    assert time.monotonic() - started < 7.0
+    assert tracing.exported() is None
+    assert "span export process stopped" in caplog.text
