@@ -565,8 +565,10 @@ class SpanRecorder:
             description = bounded(f"{reason}: {detail}" if detail else reason)
         start_ns = min(start_ns, end_ns)
         if self.on_record is not None:
-            record = (name, kind.value, start_ns, end_ns, context, parent, attributes, links)
-            self.on_record((*record, (code.value, description)))
+            status = (code.value, description)
+            self.on_record(
+                (name, kind.value, start_ns, end_ns, context, parent, attributes, links, status)
+            )
             return context
         span = ReadableSpan(
             name=name,
