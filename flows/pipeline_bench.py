@@ -58,6 +58,9 @@ TARGETS = {
     "rss_100k_over_10k": 1.10,
 }
 CAMERAS = 4
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
+"""Bytewax worker threads by default: two, so that one worker decodes and does Kafka I/O
+while the other runs the model (which releases the interpreter lock)."""
 
 
 @dataclass
@@ -459,7 +462,11 @@ QUICK = Plan(
 
 
 def run(
-    plan: Plan, out: Path, console: Console, model_scale: int = 1, workers: int = 1
+    plan: Plan,
+    out: Path,
+    console: Console,
+    model_scale: int = 1,
+    workers: int = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
     """Every measurement of the plan; the report as a dict."""
     out.mkdir(parents=True, exist_ok=True)
@@ -480,12 +487,23 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
 
     adaptive = base.model_copy(update={"batch_adaptive": True})
     log = console.log
-    log(f"saturation, default settings, telemetry off and on in turn ({plan.repeats} each)")
+    workers = bench.workers
+    log(
+        f"saturation, default settings, {workers} worker(s), telemetry off and on in turn"
+        f" ({plan.repeats} each){'' if workers == 1 else ', and with 1 worker'}"
+    )
     sat_runs: list[RunResult] = []
     tel_runs: list[RunResult] = []
+    one_worker_runs: list[RunResult] = []
     for _ in range(plan.repeats):
         sat_runs.append(bench.saturation(base, plan.saturation_frames))
         tel_runs.append(bench.saturation(base, plan.saturation_frames, telemetry=True))
+        if workers != 1:
+            bench.workers = 1
+            try:
+                one_worker_runs.append(bench.saturation(base, plan.saturation_frames))
+            finally:
+                bench.workers = workers
     capacity = statistics.median(r.fps for r in sat_runs)
     log("naive loop (twice)")
     naive_runs = [bench.naive(plan.naive_frames) for _ in range(2)]
@@ -548,6 +566,7 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(),
         },
+        "workers": workers,
         "settings": {
             "batch_max_size": default_size,
             "batch_max_delay_ms": base.batch_max_delay_ms,
@@ -559,6 +578,12 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "frames_per_s": round(capacity, 1),
             "spread": round(_spread([r.fps for r in sat_runs]), 3),
             "telemetry_on": [r.as_dict() for r in tel_runs],
+            "one_worker": [r.as_dict() for r in one_worker_runs],
+            "one_worker_frames_per_s": (
+                round(statistics.median(r.fps for r in one_worker_runs), 1)
+                if one_worker_runs
+                else None
+            ),
             "offered_fps": round(rate, 1),
             "latency_at_70pct": at_rate.as_dict(),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -618,9 +643,21 @@ def _print(report: dict[str, Any], console: Console) -> None:
     naive = ", ".join(f"{x['frames_per_s']:.0f}" for x in report["naive"]["runs"])
     ceiling = report["ceilings"]["compute_bound_frames_per_s"]
     lat = p["latency_at_70pct"]
+    workers = report["workers"]
     rows = [
-        ("pipeline at saturation, frames/s", f"{p['frames_per_s']:.0f} ({sat})", ""),
+        (
+            f"pipeline at saturation, {workers} worker{'s' if workers > 1 else ''}, frames/s",
+            f"{p['frames_per_s']:.0f} ({sat})",
+            "",
+        ),
         ("CPU utilisation", f"{p['saturation'][0]['cpu_utilisation']:.0%}", ""),
+    ]
+    if p["one_worker"]:
+        one = ", ".join(f"{x['frames_per_s']:.0f}" for x in p["one_worker"])
+        rows.append(
+            ("pipeline at saturation, 1 worker", f"{p['one_worker_frames_per_s']:.0f} ({one})", "")
+        )
+    rows += [
         ("peak RSS", f"{p['peak_rss_mb']:.0f} MiB", ""),
         (
             f"latency at {p['offered_fps']:.0f} frames/s",
@@ -739,7 +776,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="run a detector this many times wider (untrained; compute only)",
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="Bytewax worker threads of the dataflow"
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"Bytewax worker threads of the dataflow (default {DEFAULT_WORKERS})",
     )
     parser.add_argument(
         "--no-backlog", action="store_true", help="skip the peak-RSS runs (minutes)"
