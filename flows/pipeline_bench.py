@@ -246,6 +246,8 @@ class Bench:
             if telemetry
             else Tracing.disabled()
         )
+        # The export process starts once per flow; its start-up is not part of the rate.
+        tracing.wait_ready()
         metrics = PipelineMetrics(CollectorRegistry()) if telemetry else None
         observers: list[Callable[[Sequence[FrameResult], int, int], None]] = [collected]
         if metrics is not None:

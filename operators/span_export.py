@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ from operators.tracing import (
 log = logging.getLogger(__name__)
 
 EXPORT_BATCH = 512
+READY = "ready"
+"""The export process's first line on its report pipe, once its exporter is built."""
 """Spans per export call in the export process."""
 
 # Records ----------------------------------------------------------------------------------
@@ -223,26 +226,28 @@ def _encoded_or_sdk(encode: Callable[[Sequence[Any]], Any]) -> Callable[[Sequenc
     return encode_or_pass
 
 
-def accept_encoded_spans() -> tuple[type, ...]:
-    """Let the OTLP span exporters (gRPC and HTTP) send `EncodedSpans` as they are (their
-    module's `encode_spans` passes an encoded request through); the exporter classes that
-    now accept them. Meant for the export process only."""
-    accepting: list[type] = []
-    for module_name in (
-        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    ):
-        try:
-            module = __import__(module_name, fromlist=["OTLPSpanExporter"])
-        except ImportError:
-            continue
-        current = getattr(module, "encode_spans", None)
-        if current is None:
-            continue
-        if getattr(current, "__name__", "") != "encode_or_pass":
-            module.encode_spans = _encoded_or_sdk(current)  # type: ignore[attr-defined]
-        accepting.append(module.OTLPSpanExporter)
-    return tuple(accepting)
+OTLP_TRACE_MODULES = (
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+)
+
+
+def accept_encoded_spans(exporter: object) -> bool:
+    """Whether `exporter` can be handed `EncodedSpans`: an OTLP span exporter (gRPC or
+    HTTP), whose module's `encode_spans` is made to pass an encoded request through, or
+    an exporter that says so (`accepts_encoded`). Meant for the export process only;
+    only the module of the exporter in use is touched (no other exporter is imported)."""
+    if getattr(exporter, "accepts_encoded", False):
+        return True
+    module = sys.modules.get(type(exporter).__module__)
+    if module is None or module.__name__ not in OTLP_TRACE_MODULES:
+        return False
+    current = getattr(module, "encode_spans", None)
+    if current is None:
+        return False
+    if getattr(current, "__name__", "") != "encode_or_pass":
+        module.encode_spans = _encoded_or_sdk(current)  # type: ignore[attr-defined]
+    return True
 
 
 class EncodingExporter(SpanExporter):
@@ -285,10 +290,12 @@ def export_main() -> None:
     exporter = made if isinstance(made, GuardedExporter) else GuardedExporter(made)
     resource = Resource(attributes, schema_url)
     scope = InstrumentationScope(SCOPE, SERVICE_VERSION)
-    accepting = accept_encoded_spans()
     encoder: RecordEncoder | None = None
-    if isinstance(exporter.inner, accepting) or getattr(exporter.inner, "accepts_encoded", False):
+    if accept_encoded_spans(exporter.inner):
         encoder = RecordEncoder(resource, scope)
+    report = os.fdopen(int(sys.argv[1]), "w")
+    report.write(READY + "\n")  # the exporter is built: spans can flow
+    report.flush()
     received = 0
     while True:
         try:
@@ -304,8 +311,8 @@ def export_main() -> None:
                 exporter.export([readable_span(r, resource, scope) for r in chunk])
     exporter.shutdown()
     stats = {"received": received, "exported": exporter.exported, "failures": exporter.failures}
-    with os.fdopen(int(sys.argv[1]), "w") as out:
-        out.write(json.dumps(stats))
+    with suppress(OSError), report:  # a parent gone without reading it is no error
+        report.write(json.dumps(stats))
 
 
 class ExportProcess(SpanProcessor):
@@ -351,7 +358,8 @@ class ExportProcess(SpanProcessor):
             start_new_session=True,  # a Ctrl-C in the terminal reaches the parent only
         )
         os.close(stats_write)
-        self._stats_read = stats_read
+        self._report = os.fdopen(stats_read, "r")
+        self._ready = False
         self._header = (make_exporter, dict(resource.attributes), resource.schema_url)
         self._writer = threading.Thread(target=self._write, name="span-export-pipe", daemon=True)
         self._writer.start()
@@ -387,6 +395,7 @@ class ExportProcess(SpanProcessor):
         assert pipe is not None
         try:
             pickle.dump(self._header, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+            pipe.flush()  # the child builds its exporter meanwhile
             while (batch := self._pending.get()) is not None:
                 pickle.dump(batch, pipe, protocol=pickle.HIGHEST_PROTOCOL)
                 pipe.flush()
@@ -402,6 +411,14 @@ class ExportProcess(SpanProcessor):
         while not self._stop.wait(self.interval_s):
             with self._lock:
                 self._send_locked()
+
+    def wait_ready(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait (at most `timeout_s`) until the export process has started and built its
+        exporter; whether it has. Spans recorded before are not lost either way: they
+        wait in the pipe."""
+        if not self._ready and select.select([self._report], [], [], timeout_s)[0]:
+            self._ready = self._report.readline().strip() == READY
+        return self._ready
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Hand what has gathered to the export process (which exports it in turn)."""
@@ -422,12 +439,15 @@ class ExportProcess(SpanProcessor):
         self._writer.join(max(deadline - time.monotonic(), 0.1))
         try:
             self.process.wait(max(deadline - time.monotonic(), 0.1))
-            with os.fdopen(self._stats_read) as stats:
-                self.stats = json.loads(stats.read() or "null")
+            with self._report as report:
+                lines = report.read().splitlines()
+            if lines and lines[0] == READY:
+                lines = lines[1:]
+            self.stats = json.loads(lines[0]) if lines else None
         except subprocess.TimeoutExpired:
             log.warning("span export did not finish in %.0f s; the rest is dropped", timeout_s)
             self.process.kill()
             self.process.wait(1.0)
-            os.close(self._stats_read)
+            self._report.close()
         except (OSError, ValueError):
             self.stats = None

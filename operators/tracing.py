@@ -388,6 +388,11 @@ class Tracing:
         if not _bounded(processor.shutdown, timeout_s) and self.exporter is not None:
             self.exporter.shutdown()
 
+    def wait_ready(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait until the span export process (if any) is ready to export; whether it is."""
+        wait = getattr(self.processor, "wait_ready", None)
+        return bool(wait(timeout_s)) if wait is not None else True
+
     def exported(self) -> int | None:
         """Spans the exporter has accepted (from an export process: known after `flush`)."""
         if self.exporter is not None:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -18,9 +19,11 @@ from flows.camera import OutgoingFrame
 from operators import dead_letters as dl
 from operators.frames import FrameBatch, FrameMeta, FrameResult, PreparedFrame, RawFrame
 from operators.span_export import (
+    EncodedSpans,
     EncodingExporter,
     ExportProcess,
     RecordEncoder,
+    accept_encoded_spans,
     readable_span,
     span_record,
 )
@@ -124,6 +127,7 @@ def test_the_export_process_exports_every_span() -> None:
     tracing = setup_tracing(make_exporter=EncodingExporter, flush_at_exit=False)
     assert isinstance(tracing.processor, ExportProcess)
     child = tracing.processor.process
+    assert tracing.wait_ready(timeout_s=30)
     trace_frames(tracing, frames=40)
     tracing.flush()
     # 40 sends, 40 ingests, 40 preprocess, 39 x (wait, inference, sink write), 1 dead
@@ -131,6 +135,29 @@ def test_the_export_process_exports_every_span() -> None:
     assert tracing.processor.stats == {"received": 240, "exported": 240, "failures": 0}
     assert tracing.exported() == 240
     assert child.poll() == 0
+
+
+def test_only_otlp_exporters_and_those_that_say_so_get_encoded_requests() -> None:
+    from opentelemetry.exporter.otlp.proto.http import trace_exporter as http
+
+    assert accept_encoded_spans(EncodingExporter())
+    assert not accept_encoded_spans(InMemorySpanExporter())
+    assert accept_encoded_spans(http.OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces"))
+    request = ExportTraceServiceRequest()
+    assert http.encode_spans(EncodedSpans(request, 0)) is request
+
+
+def test_a_failed_export_process_is_never_ready() -> None:
+    traced = setup_tracing(exporter=InMemorySpanExporter(), flush_at_exit=False)
+    assert traced.provider is not None
+    processor = ExportProcess(traced.provider.resource, make_exporter=_no_exporter)
+    assert not processor.wait_ready(timeout_s=30)
+    processor.shutdown(timeout_s=10)
+    assert processor.stats is None
+
+
+def _no_exporter() -> EncodingExporter:
+    raise RuntimeError("no exporter here")
 
 
 def test_the_export_process_ends_when_its_parent_stops_writing() -> None:
