@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Protocol
 from urllib.parse import quote_plus, urlsplit
 
@@ -632,6 +632,10 @@ def carrier_of(ctx: Ctx, job_id: str | None, parent: Context | None = None) -> d
     if ctx[3]:
         carrier["tracestate"] = ctx[3]
     entries = dict(baggage.get_all(parent)) if parent is not None else {}
+    if not entries:
+        if job_id:
+            carrier["baggage"] = _own_baggage(job_id)
+        return carrier
     if job_id:
         entries[JOB_ID] = job_id
     if entries:
@@ -803,6 +807,7 @@ def _ingest_attributes(attributes: Attributes) -> Attributes:
     }
 
 
+@lru_cache(maxsize=1024)
 def _own_baggage(job_id: str) -> str:
     """The baggage header that carries nothing but `job_id` (what the camera sends)."""
     return f"{JOB_ID}={quote_plus(job_id)}"

@@ -164,7 +164,7 @@ def test_statefulset_is_wired_the_way_bytewax_run_expects(
         assert any(ref.startswith("streamsight-settings") for ref in refs)
 
     (dataflow,) = spec["containers"]
-    assert dataflow["command"] == ["python", "-m", "bytewax.run", "flows.video"]
+    assert dataflow["command"] == ["python", "-m", "bytewax.run", "flows.video", "-w", "2"]
     secret = env_of(dataflow)["STREAMSIGHT_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert secret["name"] and secret["key"]
     ports = {p["name"]: p["containerPort"] for p in dataflow["ports"]}
