@@ -3,6 +3,7 @@ out at every stage. Wiring only; the stages live in `operators/`."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -66,7 +67,10 @@ def observed_infer(controller: AdaptiveBatching, infer: Infer) -> Infer:
         seconds = time.perf_counter() - started
         first = batch.frames[0].meta.capture_ns if batch.frames else batch.dispatched_ns
         controller.observe_inference(
-            len(batch.frames), seconds, wait_s=max(batch.dispatched_ns - first, 0) / 1e9
+            len(batch.frames),
+            seconds,
+            wait_s=max(batch.dispatched_ns - first, 0) / 1e9,
+            worker=threading.get_ident(),
         )
         return results
 

@@ -3,7 +3,8 @@
 The controller learns the model's cost per batch, `t(b) = fixed + per_frame * b` (least
 squares over exponentially weighted observations), and the arrival rate of frames. It
 picks the smallest batch size that keeps the model's utilisation under `target_load`
-(small batches: low latency while the model keeps up), growing toward the largest size
+(small batches: low latency while the model keeps up; with several worker threads
+running forward passes side by side, the load is shared among them), growing toward the largest size
 whose forward pass fits the latency SLO when the load is high (large batches: the most
 frames per second). The delay bound is the time the batch needs to fill at the observed
 rate, capped so that waiting plus the forward pass stays within the SLO; with no need to
@@ -21,7 +22,12 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
+
+RECENT_PASSES = 64
+"""How many recent forward passes say how many workers run them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,7 @@ class AdaptiveBatching:
         self._window_frames = 0
         self._keys: dict[str, int] = {}
         self._wait_s = 0.0
+        self._workers: deque[Hashable] = deque(maxlen=RECENT_PASSES)
         self._limits = bounds.start()
 
     # Observations ---------------------------------------------------------------------
@@ -99,13 +106,17 @@ class AdaptiveBatching:
                 self._window_start, self._window_frames = now_ns, 0
                 self._update()
 
-    def observe_inference(self, size: int, seconds: float, wait_s: float = 0.0) -> None:
+    def observe_inference(
+        self, size: int, seconds: float, wait_s: float = 0.0, worker: Hashable = None
+    ) -> None:
         """A forward pass over `size` frames took `seconds`; its first frame was `wait_s`
-        old (since capture) when the batch was dispatched."""
+        old (since capture) when the batch was dispatched. `worker` names who ran it (a
+        thread id): the workers among the recent passes run forward passes side by side."""
         if size < 1 or seconds < 0:
             return
         d = self.bounds.decay
         with self._lock:
+            self._workers.append(worker)
             self._w = d * self._w + 1.0
             self._wx = d * self._wx + size
             self._wy = d * self._wy + seconds
@@ -136,6 +147,11 @@ class AdaptiveBatching:
         if slope == 0.0 and fixed == 0.0:
             return mean_y
         return fixed + slope * size
+
+    def workers(self) -> int:
+        """Workers that ran the recent forward passes (at least 1)."""
+        with self._lock:
+            return max(len(set(self._workers)), 1)
 
     def arrival_rate(self) -> float:
         """Frames per second reaching the batcher, over all stream keys."""
@@ -168,10 +184,11 @@ class AdaptiveBatching:
         fits = (self._cost(cap) or 0.0) <= slo / 2
         rate = self._rate
         size = cap
+        workers = max(len(set(self._workers)), 1)
         if rate > 0:
             for candidate in range(b.min_size, cap + 1):
                 cost = self._cost(candidate) or 0.0
-                if rate * cost / candidate <= b.target_load:
+                if rate * cost / candidate / workers <= b.target_load:
                     size = candidate
                     break
         keys = max(len(self._keys), 1)

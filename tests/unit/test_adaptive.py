@@ -159,3 +159,21 @@ def test_a_model_slower_than_the_slo_still_drains_a_backlog_in_large_batches() -
         controller.observe_inference(size, 0.15 + 0.01 * size, wait_s=5.0)
     assert controller.limits().max_size == 64
     assert controller.limits().max_delay_ns > 0
+
+
+def test_workers_running_forward_passes_side_by_side_share_the_load() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    for size in (1, 2, 4, 8):
+        controller.observe_inference(size, cost(size), worker="a")
+    for tick in range(11):  # 200 frames/s over a second
+        controller.observe_arrivals(f"k{tick % 4}", 20, tick * 100_000_000)
+    # One worker: a pass per frame would keep the model busy 200 x 5.1 ms = 102 % of
+    # the time, so frames are paired (62 %), waiting for each other at most the delay.
+    assert controller.workers() == 1
+    alone = controller.limits()
+    assert alone.max_size == 2 and alone.max_delay_ns > 0
+    for worker in ("a", "b") * 4:
+        controller.observe_inference(1, cost(1), worker=worker)
+    # Two workers each busy 51 % with a pass per frame: no need to wait for a second one.
+    assert controller.workers() == 2
+    assert controller.limits() == BatchLimits(1, 0)
