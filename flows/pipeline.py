@@ -58,19 +58,20 @@ def adaptive_controller(settings: Settings) -> AdaptiveBatching:
 
 
 def observed_infer(controller: AdaptiveBatching, infer: Infer) -> Infer:
-    """`infer` with each batch's size, forward time and age (capture to dispatch) fed to
-    `controller`."""
+    """`infer` with each batch's size, forward time and age fed to `controller`. The age
+    is that of its first frame when it reached the batcher (capture to prepared): what the
+    frames waited before batching, not the batch delay the controller chose itself."""
 
     def run(batch: FrameBatch) -> list[FrameResult]:
         started = time.perf_counter()
         results = infer(batch)
         seconds = time.perf_counter() - started
-        first = batch.frames[0].meta.capture_ns if batch.frames else batch.dispatched_ns
+        age_ns = 0
+        if batch.frames:
+            first = batch.frames[0]
+            age_ns = max(first.prepared_ns - first.meta.capture_ns, 0)
         controller.observe_inference(
-            len(batch.frames),
-            seconds,
-            wait_s=max(batch.dispatched_ns - first, 0) / 1e9,
-            worker=threading.get_ident(),
+            len(batch.frames), seconds, wait_s=age_ns / 1e9, worker=threading.get_ident()
         )
         return results
 

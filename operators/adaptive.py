@@ -58,11 +58,12 @@ class AdaptiveBounds:
             raise ValueError("need min_size <= initial_size <= max_size")
 
     def start(self) -> BatchLimits:
-        """The limits before anything is known: `initial_size` and `max_delay_s` (frames
+        """The limits before anything is known: `initial_size` with no delay. Frames
         arrive in bursts of a whole fetch: starting at size 1 would cut a first backlog
-        into batches of one)."""
+        into batches of one, while a batch of what arrived together takes a burst whole
+        and keeps a single frame at low load from waiting."""
         size = self.initial_size or max(self.min_size, min(self.max_size, 16))
-        return BatchLimits(size, int(self.max_delay_s * 1e9) if size > 1 else 0)
+        return BatchLimits(size, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ class AdaptiveBatching:
         self, size: int, seconds: float, wait_s: float = 0.0, worker: Hashable = None
     ) -> None:
         """A forward pass over `size` frames took `seconds`; its first frame was `wait_s`
-        old (since capture) when the batch was dispatched. `worker` names who ran it (a
+        old (since capture) when it reached the batcher. `worker` names who ran it (a
         thread id): the workers among the recent passes run forward passes side by side."""
         if size < 1 or seconds < 0:
             return

@@ -63,9 +63,9 @@ def test_bounds_are_checked() -> None:
         AdaptiveBounds(latency_slo_s=0)
 
 
-def test_starts_from_the_initial_size_with_the_delay_bound() -> None:
+def test_starts_from_the_initial_size_without_waiting() -> None:
     controller = AdaptiveBatching(AdaptiveBounds(min_size=2, max_size=32, initial_size=8))
-    assert controller.limits() == BatchLimits(8, 50_000_000)
+    assert controller.limits() == BatchLimits(8, 0)
     assert controller.cost_s(8) is None
     assert AdaptiveBatching(AdaptiveBounds(max_size=64)).limits().max_size == 16
     assert AdaptiveBatching(AdaptiveBounds(max_size=1)).limits() == BatchLimits(1, 0)
