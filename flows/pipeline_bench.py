@@ -14,9 +14,12 @@ import io
 import itertools
 import json
 import os
+import pickle
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -192,38 +195,48 @@ class Bench:
         self.broker.create_topic(topic, CAMERAS)
         return topic
 
-    def ticks(self, frames: int) -> Iterator[list[OutgoingFrame]]:
-        """`frames` frames (rounded up to whole ticks) re-using the rendered JPEGs; the
-        capture time is stamped when a tick is taken."""
-        for seq in range(-(-frames // CAMERAS)):
-            now_ms = time.time() * 1000.0
-            yield [
-                OutgoingFrame(
-                    camera_id(i), seq, self.jpegs[(seq * CAMERAS + i) % len(self.jpegs)], now_ms
-                )
-                for i in range(CAMERAS)
-            ]
-
     def publish(
         self, topic: str, frames: int, fps: float = 0.0, job: str = "bench"
     ) -> dict[tuple[str, int], int]:
         """Publish frames (paced at `fps` frames/s over all cameras; 0 = unpaced); the
         end offset of each partition."""
-        producer = CheckedProducer(
-            producer_config(self.settings, bootstrap=self.bootstrap, client_id="bench-camera")
-        )
-        try:
-            report = publish(
-                producer,
+        return publish_frames(self.bootstrap, topic, self.jpegs, frames, fps, job)
+
+    def publish_elsewhere(
+        self, topic: str, frames: int, fps: float
+    ) -> Callable[[], dict[tuple[str, int], int] | None]:
+        """Start publishing as `publish` does, from a process of its own (a camera does
+        not share the dataflow's interpreter); a call that returns the end offsets once
+        it has finished (None before)."""
+        jpegs = self.workdir / "jpegs.pickle"
+        if not jpegs.exists():
+            jpegs.write_bytes(pickle.dumps(self.jpegs))
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from flows.pipeline_bench import publish_main; publish_main()",
+                str(jpegs),
+                self.bootstrap,
                 topic,
-                self.ticks(frames),
-                job_id=job,
-                fps=fps / CAMERAS,
-                partitions=CAMERAS,
-            )
-        finally:
-            producer.close()
-        return dict(report.end_offsets)
+                str(frames),
+                str(fps),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        ends: dict[str, dict[tuple[str, int], int]] = {}
+
+        def wait() -> None:
+            out, _ = process.communicate()
+            if process.returncode != 0:
+                raise RuntimeError(f"the publishing process failed ({process.returncode})")
+            ends["ends"] = {(t, int(p)): int(o) for t, p, o in json.loads(out)}
+
+        waiter = threading.Thread(target=wait, name="bench-camera", daemon=True)
+        waiter.start()
+        return lambda: ends.get("ends")
 
     def run_flow(
         self,
@@ -232,7 +245,7 @@ class Bench:
         *,
         telemetry: bool = False,
         end_offsets: Callable[[], dict[tuple[str, int], int] | None] | None = None,
-        skip_before_ns: int = 0,
+        skip_first_s: float = 0.0,
     ) -> RunResult:
         """Run the dataflow over `topic` to its end (or to `end_offsets` once known)."""
         collected = _Collected()
@@ -306,7 +319,8 @@ class Bench:
             seconds = (last_out - first_out) / 1e9
         else:
             counted, seconds = len(rows), max((last_out - min(r[1] for r in rows)) / 1e9, 1e-9)
-        latency = [(r[2] - r[0]) / 1e6 for r in rows if r[0] >= skip_before_ns]
+        cutoff = min(r[0] for r in rows) + int(skip_first_s * 1e9)
+        latency = [(r[2] - r[0]) / 1e6 for r in rows if r[0] >= cutoff]
         return RunResult(
             frames=len(rows),
             seconds=seconds,
@@ -327,24 +341,11 @@ class Bench:
 
     def paced(self, settings: Settings, fps: float, seconds: float) -> RunResult:
         """Latency at `fps` offered frames/s for `seconds`, the flow tailing the topic
-        while a producer thread publishes; the first second is left out as warm-up."""
+        while a producer process publishes; the first second of frames is left out as
+        warm-up."""
         topic = self.topic("bench-paced")
-        ends: dict[str, dict[tuple[str, int], int]] = {}
-        start_ns = time.time_ns()
-
-        def produce() -> None:
-            ends["ends"] = self.publish(topic, max(int(fps * seconds), CAMERAS), fps=fps)
-
-        producer = threading.Thread(target=produce, name="bench-camera", daemon=True)
-        producer.start()
-        result = self.run_flow(
-            settings,
-            topic,
-            end_offsets=lambda: ends.get("ends"),
-            skip_before_ns=start_ns + 1_000_000_000,
-        )
-        producer.join()
-        return result
+        ends = self.publish_elsewhere(topic, max(int(fps * seconds), CAMERAS), fps)
+        return self.run_flow(settings, topic, end_offsets=ends, skip_first_s=1.0)
 
     def naive(self, frames: int) -> dict[str, Any]:
         """The loop a user writes first: consume, decode with Pillow, run the model on one
@@ -461,6 +462,55 @@ QUICK = Plan(
     low_load_rounds=1,
     backlog_runs=(300, 900),
 )
+
+
+def frame_ticks(jpegs: Sequence[bytes], frames: int) -> Iterator[list[OutgoingFrame]]:
+    """`frames` frames (rounded up to whole ticks of CAMERAS) re-using the rendered
+    `jpegs`; the capture time is stamped when a tick is taken."""
+    for seq in range(-(-frames // CAMERAS)):
+        now_ms = time.time() * 1000.0
+        yield [
+            OutgoingFrame(camera_id(i), seq, jpegs[(seq * CAMERAS + i) % len(jpegs)], now_ms)
+            for i in range(CAMERAS)
+        ]
+
+
+def publish_frames(
+    bootstrap: str,
+    topic: str,
+    jpegs: Sequence[bytes],
+    frames: int,
+    fps: float = 0.0,
+    job: str = "bench",
+) -> dict[tuple[str, int], int]:
+    """Publish `frames` frames of `jpegs` to `topic` (paced at `fps` frames/s over all
+    cameras; 0 = unpaced); the end offset of each partition."""
+    settings = Settings(progress=False, metrics_enabled=False)
+    producer = CheckedProducer(
+        producer_config(settings, bootstrap=bootstrap, client_id="bench-camera")
+    )
+    try:
+        report = publish(
+            producer,
+            topic,
+            frame_ticks(jpegs, frames),
+            job_id=job,
+            fps=fps / CAMERAS,
+            partitions=CAMERAS,
+        )
+    finally:
+        producer.close()
+    return dict(report.end_offsets)
+
+
+def publish_main() -> None:
+    """The publishing process of a paced run: argv holds the pickled JPEGs' path, the
+    bootstrap, the topic, the frame count and the rate; the end offsets go to stdout as
+    JSON."""
+    path, bootstrap, topic, frames, fps = sys.argv[1:6]
+    jpegs = pickle.loads(Path(path).read_bytes())
+    ends = publish_frames(bootstrap, topic, jpegs, int(frames), float(fps))
+    print(json.dumps([[t, p, o] for (t, p), o in ends.items()]))
 
 
 def run(
