@@ -61,6 +61,8 @@ TARGETS = {
     "rss_100k_over_10k": 1.10,
 }
 CAMERAS = 4
+PACED_WARM_UP_S = 2.0
+"""Seconds at the start of a paced run whose frames do not count toward its latency."""
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 """Bytewax worker threads by default: two, so that one worker decodes and does Kafka I/O
 while the other runs the model (which releases the interpreter lock)."""
@@ -339,13 +341,18 @@ class Bench:
         self.publish(topic, frames)
         return self.run_flow(settings, topic, telemetry=telemetry)
 
-    def paced(self, settings: Settings, fps: float, seconds: float) -> RunResult:
-        """Latency at `fps` offered frames/s for `seconds`, the flow tailing the topic
-        while a producer process publishes; the first second of frames is left out as
-        warm-up."""
+    def paced(
+        self, settings: Settings, fps: float, seconds: float, warm_up_s: float = PACED_WARM_UP_S
+    ) -> RunResult:
+        """Latency at `fps` offered frames/s, the flow tailing the topic while a producer
+        process publishes for `warm_up_s` + `seconds`; the frames of the first
+        `warm_up_s` are left out (the flow's start-up, and the burst of frames that
+        waited for it, which an adaptive controller needs about a second to settle
+        after)."""
         topic = self.topic("bench-paced")
-        ends = self.publish_elsewhere(topic, max(int(fps * seconds), CAMERAS), fps)
-        return self.run_flow(settings, topic, end_offsets=ends, skip_first_s=1.0)
+        frames = max(int(fps * (warm_up_s + seconds)), CAMERAS)
+        ends = self.publish_elsewhere(topic, frames, fps)
+        return self.run_flow(settings, topic, end_offsets=ends, skip_first_s=warm_up_s)
 
     def naive(self, frames: int) -> dict[str, Any]:
         """The loop a user writes first: consume, decode with Pillow, run the model on one
