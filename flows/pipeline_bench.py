@@ -183,7 +183,6 @@ class Bench:
         self.inferencer = Inferencer.create(scaled_detector(model_scale), device="auto")
         per_camera = max(distinct_frames // CAMERAS, 1)
         self.jpegs = [f.jpeg for tick in synthetic_frames(CAMERAS, per_camera) for f in tick]
-        self.settings = Settings(progress=False, metrics_enabled=False)
         self._ids = itertools.count()
 
     @property
