@@ -4,15 +4,15 @@ The controller learns the model's cost per batch, `t(b) = fixed + per_frame * b`
 squares over exponentially weighted observations), and the arrival rate of frames. It
 picks the smallest batch size that keeps the model's utilisation under `target_load`
 (small batches: low latency while the model keeps up; with several worker threads
-running forward passes side by side, the load is shared among them), growing toward the largest size
-whose forward pass fits the latency SLO when the load is high (large batches: the most
-frames per second). The delay bound is the time the batch needs to fill at the observed
-rate, capped so that waiting plus the forward pass stays within the SLO; with no need to
-wait, it is zero and a batch holds whatever arrived together. When frames reach the batch
-already older than half the SLO (a backlog), it takes the largest size the SLO allows
-(the largest size of all once frames are older than the SLO, or when no batch fits it,
-as with a heavy model) and the configured delay bound, so that batches fill from the
-waiting frames.
+running forward passes side by side, the load is shared among them), growing toward the
+largest size whose forward pass fits the latency SLO when the load is high (large
+batches: the most frames per second). The delay bound is the time the batch needs to
+fill at the observed rate, capped so that waiting plus the forward pass stays within the
+SLO; with no need to wait, it is zero and a batch holds whatever arrived together. When
+frames reach the batcher already older than half the SLO (a backlog), it takes the
+largest size the SLO allows (the largest size of all once frames are older than the SLO,
+or when no batch fits it, as with a heavy model) and the configured delay bound, so that
+batches fill from the waiting frames.
 
 Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
 the worker threads of a process.

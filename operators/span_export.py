@@ -58,9 +58,9 @@ from operators.tracing import (
 log = logging.getLogger(__name__)
 
 EXPORT_BATCH = 512
+"""Spans per export call in the export process."""
 READY = "ready"
 """The export process's first line on its report pipe, once its exporter is built."""
-"""Spans per export call in the export process."""
 
 # Records ----------------------------------------------------------------------------------
 
