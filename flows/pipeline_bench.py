@@ -208,7 +208,7 @@ class Bench:
     ) -> Callable[[], dict[tuple[str, int], int] | None]:
         """Start publishing as `publish` does, from a process of its own (a camera does
         not share the dataflow's interpreter); a call that returns the end offsets once
-        it has finished (None before)."""
+        it has finished (None before) and raises if it failed."""
         jpegs = self.workdir / "jpegs.pickle"
         if not jpegs.exists():
             jpegs.write_bytes(pickle.dumps(self.jpegs))
@@ -227,17 +227,23 @@ class Bench:
             text=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
-        ends: dict[str, dict[tuple[str, int], int]] = {}
+        done: dict[str, Any] = {}
 
         def wait() -> None:
             out, _ = process.communicate()
             if process.returncode != 0:
-                raise RuntimeError(f"the publishing process failed ({process.returncode})")
-            ends["ends"] = {(t, int(p)): int(o) for t, p, o in json.loads(out)}
+                done["error"] = f"the publishing process failed (exit {process.returncode})"
+                return
+            done["ends"] = {(t, int(p)): int(o) for t, p, o in json.loads(out)}
 
-        waiter = threading.Thread(target=wait, name="bench-camera", daemon=True)
-        waiter.start()
-        return lambda: ends.get("ends")
+        def end_offsets() -> dict[tuple[str, int], int] | None:
+            if "error" in done:
+                raise RuntimeError(done["error"])
+            ends: dict[tuple[str, int], int] | None = done.get("ends")
+            return ends
+
+        threading.Thread(target=wait, name="bench-camera", daemon=True).start()
+        return end_offsets
 
     def run_flow(
         self,
