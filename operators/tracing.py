@@ -342,9 +342,14 @@ def reachable(address: tuple[str, int], timeout_s: float = 1.0) -> bool:
         return False
 
 
+def _exporter_kind() -> str:
+    """The first exporter named by `OTEL_TRACES_EXPORTER` (default `otlp`), lower case."""
+    return (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
+
+
 def environment_exporter() -> GuardedExporter:
     """The exporter named by `OTEL_TRACES_EXPORTER` (OTLP or console), guarded."""
-    kind = (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
+    kind = _exporter_kind()
     if kind == "console":
         return GuardedExporter(ConsoleSpanExporter())
     return GuardedExporter(otlp_exporter(), probe=partial(reachable, otlp_endpoint()))
@@ -428,7 +433,7 @@ def setup_tracing(
     """
     if _truthy(os.environ.get("OTEL_SDK_DISABLED")):
         return Tracing.disabled()
-    kind = (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
+    kind = _exporter_kind()
     if kind not in ("otlp", "console", "none"):
         raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {kind!r}: use otlp, console, none")
     if kind == "none" and exporter is None and make_exporter is None:
@@ -638,10 +643,9 @@ def carrier_of(ctx: Ctx, job_id: str | None, parent: Context | None = None) -> d
         return carrier
     if job_id:
         entries[JOB_ID] = job_id
-    if entries:
-        carrier["baggage"] = ",".join(
-            f"{quote_plus(str(k))}={quote_plus(str(v))}" for k, v in entries.items()
-        )
+    carrier["baggage"] = ",".join(
+        f"{quote_plus(str(k))}={quote_plus(str(v))}" for k, v in entries.items()
+    )
     return carrier
 
 
