@@ -18,7 +18,7 @@ from bytewax.outputs import Sink
 from flows.settings import Settings
 from operators import dead_letters as dl
 from operators.adaptive import AdaptiveBatching, AdaptiveBounds
-from operators.batching import batch_logic_builder, stream_key
+from operators.batching import batch_logic_builder, local_stream_key, stream_key
 from operators.decode import FrameLimits, prepare_frame
 from operators.frames import DeadLetter, FrameBatch, FrameResult, PreparedFrame
 from operators.ingest import error_to_dead_letter, to_raw_frame
@@ -118,7 +118,11 @@ def build_flow(
     prepare = traced_prepare(tracing, partial(prepare_frame, limits=limits))
     decoded = op.map("decode", raw, measured("decode", prepare))
     prepared = op.branch("split_decode_errors", decoded, _is_prepared)
-    keyed = op.key_on("stream_key", prepared.trues, partial(stream_key, by=settings.batch_key))
+    # Batched on the worker that read the frame: Bytewax's key hashing would otherwise put
+    # 3 or all 4 of 4 cameras' batches on one of 2 workers, depending on the topic's name.
+    keyed = op.key_on(
+        "stream_key", prepared.trues, partial(local_stream_key, by=settings.batch_key)
+    )
     controller = adaptive_controller(settings) if settings.batch_adaptive else None
     max_size = settings.batch_adaptive_max_size if controller else settings.batch_max_size
     builder = batch_logic_builder(

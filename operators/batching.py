@@ -16,6 +16,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from operators.adaptive import AdaptiveBatching
 from operators.frames import FrameBatch, PreparedFrame
+from operators.workers import current_worker, local_key
 
 FLUSH_SIZE = "size"
 FLUSH_DEADLINE = "deadline"
@@ -146,6 +147,16 @@ def stream_key(frame: PreparedFrame, by: str = "partition") -> str:
     """The stream key a frame is batched by: its topic partition, or its camera."""
     meta = frame.meta
     return f"{meta.topic}/{meta.partition}" if by == "partition" else meta.camera
+
+
+def local_stream_key(frame: PreparedFrame, by: str = "partition") -> str:
+    """The key a frame is routed to its batcher by: its stream key, made to route to the
+    worker that read the frame (see `operators.workers`) when that worker is known."""
+    key = stream_key(frame, by)
+    here = current_worker()
+    if here is None or here[1] < 2:
+        return key
+    return local_key(key, *here)
 
 
 def batch_logic_builder(

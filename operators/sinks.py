@@ -27,6 +27,7 @@ from operators import dead_letters as dl
 from operators.frames import DeadLetter, FrameResult
 from operators.kafka_io import CheckedProducer
 from operators.stores import DetectionStore, open_store, result_to_json
+from operators.workers import note_worker
 
 STAGE = "sink"
 # Brokers reject messages over their message.max.bytes (1 MB by default on Kafka).
@@ -284,6 +285,7 @@ class ResultSink(DynamicSink[FrameResult]):
         self.trace_writes = trace_writes or no_trace
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ResultPartition:
+        note_worker(worker_index, worker_count)
         producer = None
         if self.publish and self.producer_config is not None:
             producer = CheckedProducer(dict(self.producer_config))
@@ -317,6 +319,7 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
         self.trace_writes = trace_writes or no_trace
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
+        note_worker(worker_index, worker_count)
         producer = None
         if self.producer_config is not None:
             producer = CheckedProducer(dict(self.producer_config))

@@ -5,22 +5,25 @@ and to a real PostgreSQL server, and publishing detections and dead letters."""
 from __future__ import annotations
 
 import json
-from collections import Counter
+import threading
+from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
-from bytewax.testing import run_main
+from bytewax.testing import cluster_main, run_main
 
 from flows.pipeline import build_flow
 from flows.settings import Settings
 from operators import contract
 from operators import dead_letters as dl
 from operators.detector import load_detector
+from operators.frames import FrameBatch, FrameResult
 from operators.inference import Inferencer
 from operators.ingest import frame_source
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import open_store
 from operators.tracing import Tracing, write_tracer
+from operators.workers import routed_worker
 from tests.fixtures.kafka import read_topic
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 
@@ -38,8 +41,12 @@ def run_flow(
     sink_url: str,
     inferencer: Inferencer,
     tracing: Tracing | None = None,
+    *,
+    workers: int = 1,
+    infer: Any = None,
 ) -> None:
-    """Run the flow in-process over `topics["input"]` to its end; traced with `tracing`."""
+    """Run the flow in-process over `topics["input"]` to its end, on `workers` worker
+    threads; traced with `tracing`; `infer` replaces the inferencer's."""
     traced = tracing or Tracing.disabled()
     settings = Settings(batch_max_size=8, batch_max_delay_ms=20)
     producer = {**config, "enable.idempotence": True, "acks": "all"}
@@ -52,7 +59,7 @@ def run_flow(
             batch_size=32,
             tail=False,
         ),
-        infer=inferencer.infer,
+        infer=infer or inferencer.infer,
         input_size=inferencer.detector.input_size,
         results=ResultSink(
             sink_url,
@@ -70,7 +77,10 @@ def run_flow(
         tracing=traced,
         model={"streamsight.device": inferencer.device_name},
     )
-    run_main(flow)
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
 
 
 @pytest.fixture
@@ -158,3 +168,37 @@ def test_rerunning_over_the_same_topic_adds_nothing(
     # The sink skipped the second run's frames entirely, so nothing was published twice.
     published = read_topic(kafka_config, topics["output"], expected=len(expected))
     assert len(published) == len(expected)
+
+
+def test_two_workers_share_the_inference_evenly(
+    kafka_config, create_topic, unique_topic, tmp_path, inferencer: Inferencer
+) -> None:
+    # A topic whose partitions Bytewax's key hashing alone would not split 2 / 2 between
+    # two workers: without batching where the frames are read, one worker would run the
+    # model for 3 or all 4 cameras.
+    name = unique_topic("frames")
+    while sorted(Counter(routed_worker(f"{name}/{p}", 2) for p in range(4)).values()) == [2, 2]:
+        name = unique_topic("frames")
+    topics = {"input": name, "output": unique_topic("detections")}
+    topics["dlq"] = unique_topic("dead-letters")
+    for topic in topics.values():
+        create_topic(topic, 4)
+    expected = fill_topic(
+        kafka_config, topics["input"], cameras=4, frames_per_camera=12, job_id="j4"
+    )
+    partitions_of: dict[int, set[int]] = defaultdict(set)
+    frames_of: Counter[int] = Counter()
+
+    def infer(batch: FrameBatch) -> list[FrameResult]:
+        thread = threading.get_ident()
+        partitions_of[thread].update(f.meta.partition for f in batch.frames)
+        frames_of[thread] += len(batch.frames)
+        return inferencer.infer(batch)
+
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    run_flow(kafka_config, topics, url, inferencer, workers=2, infer=infer)
+    check_outputs(kafka_config, topics, expected, url)
+    assert len(partitions_of) == 2
+    assert sorted(len(p) for p in partitions_of.values()) == [2, 2]
+    assert set.union(*partitions_of.values()) == {0, 1, 2, 3}
+    assert sorted(frames_of.values()) == [24, 26]  # cam-0 also has the 2 conflicting repeats

@@ -1,0 +1,83 @@
+"""Which Bytewax worker the current thread is, and the routing of keyed steps.
+
+Bytewax sends each item of a keyed step to the worker `siphash13(key) % worker_count`,
+so with few keys (4 cameras, 2 workers) the split is often 3 to 1 or 4 to 0, and which it
+is depends on the topic's name. `local_key` picks a key that Bytewax routes to a chosen
+worker, so frames can be batched and inferred on the worker that read them: the workers
+share the model's work as evenly as Bytewax shares the Kafka partitions between them.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+_MASK = (1 << 64) - 1
+# By thread id, not `threading.local`: Bytewax's Rust threads hold a Python thread state
+# only while they hold the interpreter lock, so thread-local values do not last.
+_workers: dict[int, tuple[int, int]] = {}
+
+
+def note_worker(index: int, count: int) -> None:
+    """Record that the calling thread is worker `index` of `count` (a sink's `build`,
+    which Bytewax calls on each worker's own thread before any item flows)."""
+    _workers[threading.get_ident()] = (index, count)
+
+
+def current_worker() -> tuple[int, int] | None:
+    """(index, count) of the worker running on this thread, or None if none was noted."""
+    return _workers.get(threading.get_ident())
+
+
+def _rotl(value: int, bits: int) -> int:
+    return ((value << bits) | (value >> (64 - bits))) & _MASK
+
+
+def siphash13(data: bytes) -> int:
+    """SipHash-1-3 with a zero key: what Rust's `DefaultHasher::new()` computes."""
+    v0, v1 = 0x736F6D6570736575, 0x646F72616E646F6D
+    v2, v3 = 0x6C7967656E657261, 0x7465646279746573
+
+    def sip_round() -> None:
+        nonlocal v0, v1, v2, v3
+        v0 = (v0 + v1) & _MASK
+        v1 = _rotl(v1, 13) ^ v0
+        v0 = _rotl(v0, 32)
+        v2 = (v2 + v3) & _MASK
+        v3 = _rotl(v3, 16) ^ v2
+        v0 = (v0 + v3) & _MASK
+        v3 = _rotl(v3, 21) ^ v0
+        v2 = (v2 + v1) & _MASK
+        v1 = _rotl(v1, 17) ^ v2
+        v2 = _rotl(v2, 32)
+
+    whole = len(data) - len(data) % 8
+    for start in range(0, whole, 8):
+        word = int.from_bytes(data[start : start + 8], "little")
+        v3 ^= word
+        sip_round()
+        v0 ^= word
+    last = ((len(data) & 0xFF) << 56) | int.from_bytes(data[whole:], "little")
+    v3 ^= last
+    sip_round()
+    v0 ^= last
+    v2 ^= 0xFF
+    for _ in range(3):
+        sip_round()
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+def routed_worker(key: str, worker_count: int) -> int:
+    """The worker Bytewax sends items of `key` to (Rust hashes a `String` as its bytes
+    and a 0xFF byte)."""
+    return siphash13(key.encode() + b"\xff") % worker_count
+
+
+@lru_cache(maxsize=4096)
+def local_key(key: str, worker: int, worker_count: int) -> str:
+    """`key`, or `key#n` with the smallest n, such that Bytewax routes it to `worker`."""
+    candidate, n = key, 0
+    while routed_worker(candidate, worker_count) != worker:
+        n += 1
+        candidate = f"{key}#{n}"
+    return candidate
