@@ -152,7 +152,10 @@ class AdaptiveBatching:
     def workers(self) -> int:
         """Workers that ran the recent forward passes (at least 1)."""
         with self._lock:
-            return max(len(set(self._workers)), 1)
+            return self._worker_count()
+
+    def _worker_count(self) -> int:
+        return max(len(set(self._workers)), 1)
 
     def arrival_rate(self) -> float:
         """Frames per second reaching the batcher, over all stream keys."""
@@ -185,7 +188,7 @@ class AdaptiveBatching:
         fits = (self._cost(cap) or 0.0) <= slo / 2
         rate = self._rate
         size = cap
-        workers = max(len(set(self._workers)), 1)
+        workers = self._worker_count()
         if rate > 0:
             for candidate in range(b.min_size, cap + 1):
                 cost = self._cost(candidate) or 0.0
