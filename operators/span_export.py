@@ -2,11 +2,12 @@
 
 Encoding spans to OTLP protobuf is the largest cost of tracing every frame (the SDK's
 generic encoder builds every attribute anew: about 45 microseconds per span). Here
-finished spans become plain records (`span_record`), are piped in batches to a child
-Python process (`ExportProcess`), and there `RecordEncoder` turns them into the same
-`ExportTraceServiceRequest` the SDK's encoder builds, reusing the encoded attribute of
-every (key, value) pair it has seen before (stages, jobs, cameras, topics: the values of
-a stream repeat). The OTLP exporters then send the request as usual.
+finished spans become plain records (`span_record`), the stages of a frame one compact
+record (`tracing.expand`); they are piped in batches to a child Python process
+(`ExportProcess`), which expands the compact ones, and there `RecordEncoder` turns them
+into the same `ExportTraceServiceRequest` the SDK's encoder builds, reusing the encoded
+attribute of every (key, value) pair it has seen before (stages, jobs, cameras, topics:
+the values of a stream repeat). The OTLP exporters then send the request as usual.
 """
 
 from __future__ import annotations
@@ -35,13 +36,11 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status as PBStatus
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
-    Link,
     SpanContext,
     SpanKind,
-    Status,
-    StatusCode,
 )
 
 from operators.tracing import (
@@ -49,10 +48,12 @@ from operators.tracing import (
     SCOPE,
     SERVICE_VERSION,
     GuardedExporter,
+    SpanRecord,
     context_record,
     environment_exporter,
+    expand,
     quiet_exporter_logs,
-    span_context,
+    readable_span,
 )
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,6 @@ READY = "ready"
 """The export process's first line on its report pipe, once its exporter is built."""
 
 # Records ----------------------------------------------------------------------------------
-
-SpanRecord = tuple[Any, ...]
-"""A finished span as plain values (pickled at C speed): name, kind, start, end, context,
-parent context (or None), attributes, links as (context, attributes), status as (code,
-description)."""
 
 
 def span_record(span: ReadableSpan) -> SpanRecord:
@@ -82,26 +78,6 @@ def span_record(span: ReadableSpan) -> SpanRecord:
         dict(span.attributes or {}),
         [(context_record(link.context), dict(link.attributes or {})) for link in span.links],
         (span.status.status_code.value, span.status.description),
-    )
-
-
-def readable_span(
-    record: SpanRecord, resource: Resource, scope: InstrumentationScope
-) -> ReadableSpan:
-    """The SDK span of a record (for exporters other than OTLP)."""
-    name, kind, start, end, context, parent, attributes, links, (code, description) = record
-    return ReadableSpan(
-        name=name,
-        context=span_context(context),
-        parent=span_context(parent) if parent is not None else None,
-        resource=resource,
-        attributes=attributes,
-        links=tuple(Link(span_context(c), a) for c, a in links),
-        kind=SpanKind(kind),
-        status=Status(StatusCode(code), description),
-        start_time=start,
-        end_time=end,
-        instrumentation_scope=scope,
     )
 
 
@@ -293,6 +269,7 @@ def export_main() -> None:
     encoder: RecordEncoder | None = None
     if accept_encoded_spans(exporter.inner):
         encoder = RecordEncoder(resource, scope)
+    ids = RandomIdGenerator()
     report = os.fdopen(int(sys.argv[1]), "w")
     report.write(READY + "\n")  # the exporter is built: spans can flow
     report.flush()
@@ -302,9 +279,15 @@ def export_main() -> None:
             batch = pickle.load(source)
         except (EOFError, pickle.UnpicklingError):
             break
-        received += len(batch)
-        for start in range(0, len(batch), EXPORT_BATCH):
-            chunk = batch[start : start + EXPORT_BATCH]
+        records: list[SpanRecord] = []
+        for record in batch:
+            if type(record[0]) is int:  # a compact record of several spans
+                records += expand(record, ids)
+            else:
+                records.append(record)
+        received += len(records)
+        for start in range(0, len(records), EXPORT_BATCH):
+            chunk = records[start : start + EXPORT_BATCH]
             if encoder is not None:
                 exporter.export(EncodedSpans(encoder.request(chunk), len(chunk)))
             else:

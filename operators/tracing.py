@@ -472,7 +472,6 @@ def setup_tracing(
 
 # Finished spans ---------------------------------------------------------------------------
 
-_UNSET = Status(StatusCode.UNSET)
 Error = tuple[str, str]
 """A failed step: the reason (`error.type`) and a detail for the status message."""
 
@@ -483,6 +482,11 @@ whether it came from a carrier (remote). The recorder's currency: cheaper than t
 `SpanContext`, and what the export process receives."""
 SpanLink = tuple[Ctx, Attributes]
 """A link to another span: its context and the link's attributes."""
+SpanRecord = tuple[Any, ...]
+"""A finished span as plain values (pickled at C speed): name, kind, start, end, context,
+parent context (or None), attributes, links as (context, attributes), status as (code,
+description)."""
+_UNSET_STATUS = (StatusCode.UNSET.value, None)
 
 
 def context_record(context: SpanContext) -> Ctx:
@@ -498,9 +502,43 @@ def span_context(ctx: Ctx) -> SpanContext:
     return SpanContext(trace_id, span_id, remote, TraceFlags(flags), trace_state)
 
 
+def readable_span(
+    record: SpanRecord, resource: Resource, scope: InstrumentationScope
+) -> ReadableSpan:
+    """The SDK span of a record (for exporters other than OTLP)."""
+    name, kind, start, end, context, parent, attributes, links, (code, description) = record
+    return ReadableSpan(
+        name=name,
+        context=span_context(context),
+        parent=span_context(parent) if parent is not None else None,
+        resource=resource,
+        attributes=attributes,
+        links=tuple(Link(span_context(c), a) for c, a in links),
+        kind=SpanKind(kind),
+        status=Status(StatusCode(code), description),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
+
+
 def sampled(ctx: Ctx | None) -> bool:
     """Whether the span of `ctx` is recorded."""
     return ctx is not None and bool(ctx[2] & TraceFlags.SAMPLED)
+
+
+def child_context(parent: Ctx, span_id: int) -> Ctx:
+    """The context of a span `span_id` under `parent`: its trace and sampled flag."""
+    return (parent[0], span_id, parent[2] & TraceFlags.SAMPLED, parent[3], False)
+
+
+def _status(attributes: Attributes, error: Error | None) -> tuple[int, str | None]:
+    """The status of a span (error status and `error.type` for an `error`)."""
+    if error is None:
+        return _UNSET_STATUS
+    reason, detail = error
+    attributes["error.type"] = bounded(reason)
+    return StatusCode.ERROR.value, bounded(f"{reason}: {detail}" if detail else reason)
 
 
 class SpanRecorder:
@@ -508,8 +546,9 @@ class SpanRecorder:
     a frame is: each becomes a finished `ReadableSpan` handed straight to the span
     processor, without the SDK's live-span bookkeeping (context, locks, re-validation of
     attributes), which costs about five times as much per span. A processor with an
-    `on_record` method (`ExportProcess`) gets the span as a plain record
-    (`span_export.SpanRecord`) instead, without any SDK object at all.
+    `on_record` method (`ExportProcess`) gets the span as a plain record (`SpanRecord`)
+    instead, without any SDK object at all, and the spans of a frame's stages as one
+    compact record (`compact`), expanded into spans in the export process.
 
     Sampling follows the provider's parent-based sampler: a child takes its parent's
     sampled flag, a span with links is sampled when one of them is (`LinkAwareSampler`),
@@ -540,7 +579,7 @@ class SpanRecorder:
         parent) a new trace that the sampler keeps or drops."""
         span_id = self.ids.generate_span_id()
         if parent is not None:
-            return (parent[0], span_id, parent[2] & TraceFlags.SAMPLED, parent[3], False)
+            return child_context(parent, span_id)
         trace_id = self.ids.generate_trace_id()
         if links:
             return (trace_id, span_id, int(any(sampled(c) for c, _ in links)), "", False)
@@ -567,34 +606,152 @@ class SpanRecorder:
             context = self.context(name, parent, kind=kind, attributes=attributes, links=links)
         if not sampled(context):
             return context
-        code, description = StatusCode.UNSET, None
-        if error is not None:
-            reason, detail = error
-            attributes["error.type"] = bounded(reason)
-            code = StatusCode.ERROR
-            description = bounded(f"{reason}: {detail}" if detail else reason)
-        start_ns = min(start_ns, end_ns)
-        if self.on_record is not None:
-            status = (code.value, description)
-            self.on_record(
-                (name, kind.value, start_ns, end_ns, context, parent, attributes, links, status)
-            )
-            return context
-        span = ReadableSpan(
-            name=name,
-            context=span_context(context),
-            parent=span_context(parent) if parent is not None else None,
-            resource=self.resource,
-            attributes=attributes,
-            links=tuple(Link(span_context(c), a) for c, a in links),
-            kind=kind,
-            status=Status(code, description) if error is not None else _UNSET,
-            start_time=start_ns,
-            end_time=end_ns,
-            instrumentation_scope=self.scope,
-        )
-        self.processor.on_end(span)
+        status = _status(attributes, error)
+        record = (name, kind.value, min(start_ns, end_ns), end_ns, context, parent)
+        self._write((*record, attributes, links, status))
         return context
+
+    def compact(self, record: tuple[Any, ...]) -> None:
+        """Write the spans of a compact record (see `expand`): as it is to a processor
+        that takes records, else expanded here."""
+        if self.on_record is not None:
+            self.on_record(record)
+            return
+        for span in expand(record, self.ids):
+            self._write(span)
+
+    def _write(self, record: SpanRecord) -> None:
+        if self.on_record is not None:
+            self.on_record(record)
+        else:
+            self.processor.on_end(readable_span(record, self.resource, self.scope))
+
+
+# Compact records --------------------------------------------------------------------------
+# The spans of a frame's stages as tuples of the values they are made of, without attribute
+# dicts or span ids that nothing refers to: the flow builds and pipes one record per frame
+# (or per batch) instead of several spans, and the export process builds the spans.
+
+PREPARED = 1
+"""(PREPARED, ingest context, its parent or None, ingest start, ingest end, preprocess
+start, preprocess end, topic, partition, offset, consumer group or None, message size,
+job, camera, frame id, seq or None, width, height): a prepared frame's ingest and
+preprocess spans."""
+INFERRED = 2
+"""(INFERRED, inference batch context, dispatched, batch id, batch size, flush reason,
+frames), each frame (parent context, prepared, inferred, job, camera, frame id,
+detections): each frame's batch wait and inference spans."""
+WRITTEN = 3
+"""(WRITTEN, start, end, destination attributes, failure type or None, writes), each
+write (context, parent or None, job, camera, frame id, batch id, detections, outcome,
+error or None, the attributes of a dead letter's write or None): each write's sink-write
+span and the `sink write batch` span linked to them."""
+
+
+class _Ids(Protocol):
+    def generate_span_id(self) -> int: ...
+
+    def generate_trace_id(self) -> int: ...
+
+
+def expand(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+    """The spans of a compact record; `ids` makes the span ids it leaves out."""
+    if record[0] == PREPARED:
+        return _prepared_spans(record, ids)
+    if record[0] == INFERRED:
+        return _inferred_spans(record, ids)
+    if record[0] == WRITTEN:
+        return _written_spans(record, ids)
+    raise ValueError(f"unknown compact span record {record[0]!r}")
+
+
+def _prepared_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+    (_, ingest, parent, start, end, started, ended, topic, partition, offset, group, size,
+     job, camera, frame_id, seq, width, height) = record  # fmt: skip
+    attributes = _frame_step(INGEST, job, camera, frame_id)
+    if seq is not None:
+        attributes["streamsight.frame.seq"] = seq
+    attributes.update(source_attributes(topic, partition, offset, group))
+    attributes["messaging.message.body.size"] = size
+    step = _frame_step(PREPROCESS, job, camera, frame_id)
+    step["streamsight.frame.width"] = width
+    step["streamsight.frame.height"] = height
+    preprocess = child_context(ingest, ids.generate_span_id())
+    return [
+        (f"process {topic}", SpanKind.CONSUMER.value, min(start, end), end, ingest, parent,
+         _ingest_attributes(attributes), (), _UNSET_STATUS),
+        (SPAN_NAMES[PREPROCESS], SpanKind.INTERNAL.value, min(started, ended), ended,
+         preprocess, ingest, step, (), _UNSET_STATUS),
+    ]  # fmt: skip
+
+
+def _inferred_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+    _, batch, dispatched, batch_id, size, reason, frames = record
+    link: list[SpanLink] = [(batch, {BATCH_ID: batch_id})]
+    internal = SpanKind.INTERNAL.value
+    spans: list[SpanRecord] = []
+    for parent, prepared, inferred, job, camera, frame_id, detections in frames:
+        wait = _frame_step(BATCH_WAIT, job, camera, frame_id)
+        wait[BATCH_ID] = batch_id
+        wait["streamsight.batch.size"] = size
+        wait["streamsight.batch.flush_reason"] = reason
+        done = _frame_step(INFERENCE, job, camera, frame_id)
+        done[BATCH_ID] = batch_id
+        done["streamsight.detections"] = detections
+        spans += [
+            (SPAN_NAMES[BATCH_WAIT], internal, min(prepared, dispatched), dispatched,
+             child_context(parent, ids.generate_span_id()), parent, wait, (), _UNSET_STATUS),
+            (SPAN_NAMES[INFERENCE], internal, min(dispatched, inferred), inferred,
+             child_context(parent, ids.generate_span_id()), parent, done, link, _UNSET_STATUS),
+        ]  # fmt: skip
+    return spans
+
+
+def _written_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+    _, started, ended, destination, failure, writes = record
+    started = min(started, ended)
+    producer = SpanKind.PRODUCER.value
+    failed: Error | None = ("sink_error", failure) if failure is not None else None
+    spans: list[SpanRecord] = []
+    links: list[SpanLink] = []
+    jobs: list[str] = []
+    cameras: list[str] = []
+    for ctx, parent, job, camera, frame_id, batch_id, detections, outcome, error, extra in writes:
+        jobs.append(job)
+        cameras.append(bounded(camera))
+        if parent is not None:
+            links.append((parent, {FRAME_ID: bounded(frame_id) if frame_id else ""}))
+        if not sampled(ctx):
+            continue
+        if extra is None:
+            attributes = _frame_step(SINK, job, camera, frame_id)
+            attributes[BATCH_ID] = batch_id
+            attributes["streamsight.detections"] = detections
+        else:
+            attributes = dict(extra)
+        attributes["streamsight.sink.outcome"] = outcome
+        if outcome == "dead_letter" and error is not None:
+            attributes["streamsight.dead_letter.reason"] = error[0]
+        attributes.update(destination)
+        status = _status(attributes, failed or error)
+        spans.append(
+            (SPAN_NAMES[SINK], producer, started, ended, ctx, parent, attributes, (), status)
+        )
+    if any(sampled(link) for link, _ in links):
+        attributes = {
+            STAGE: SINK,
+            SCOPE_ATTR: "batch",
+            JOB_ID: joined(jobs),
+            CAMERA: joined(cameras),
+            "messaging.batch.message_count": len(writes),
+            **destination,
+        }
+        trace_id, span_id = ids.generate_trace_id(), ids.generate_span_id()
+        context = (trace_id, span_id, int(TraceFlags.SAMPLED), "", False)
+        status = _status(attributes, failed)
+        batch = (SINK_BATCH_SPAN, producer, started, ended, context, None, attributes, links)
+        spans.append((*batch, status))
+    return spans
 
 
 # Context and attributes -------------------------------------------------------------------
@@ -688,12 +845,16 @@ def frame_attributes(meta: FrameMeta, stage: str, consumer_group: str | None = N
 def step_attributes(meta: FrameMeta, stage: str) -> Attributes:
     """Stage, job, camera and frame identity of a frame's internal span (preprocess,
     batch wait, inference): the source coordinates live on the trace's ingest span."""
+    return _frame_step(stage, meta.job_id, meta.camera, meta.frame_id)
+
+
+def _frame_step(stage: str, job_id: str, camera: str, frame_id: str) -> Attributes:
     return {
         STAGE: stage,
         SCOPE_ATTR: "frame",
-        JOB_ID: bounded(meta.job_id),
-        CAMERA: bounded(meta.camera),
-        FRAME_ID: bounded(meta.frame_id),
+        JOB_ID: bounded(job_id),
+        CAMERA: bounded(camera),
+        FRAME_ID: bounded(frame_id),
     }
 
 
@@ -834,42 +995,42 @@ def traced_prepare(
         ended = time.time_ns()
         headers = carrier_from_headers(raw.headers)
         parent = span_context_of(headers)
-        parent_ctx: Context | None = None
-        if isinstance(out, PreparedFrame):
-            attributes = frame_attributes(out.meta, INGEST, group)
-            job_id: str = out.meta.job_id
-            entries = headers.get("baggage")
-            if entries and entries != _own_baggage(job_id):
-                parent_ctx = extract(headers)  # other baggage entries travel on
-        else:
-            parent_ctx = extract(headers)
-            attributes = {
-                **_letter_attributes(out, parent_ctx, INGEST),
-                **source_attributes(raw.topic, raw.partition, raw.offset, group),
-            }
-            job_id = str(attributes[JOB_ID])
-        attributes["messaging.message.body.size"] = len(raw.value or b"")
         kafka_ns = (raw.timestamp_ms or 0) * 1_000_000
-        ingest = spans.record(
-            f"process {raw.topic}",
-            parent,
-            kafka_ns if 0 < kafka_ns <= raw.ingest_ns else raw.ingest_ns,
-            raw.ingest_ns,
-            _ingest_attributes(attributes),
-            kind=SpanKind.CONSUMER,
-        )
-        carrier = carrier_of(ingest, job_id, parent_ctx)
+        start = kafka_ns if 0 < kafka_ns <= raw.ingest_ns else raw.ingest_ns
+        name = f"process {raw.topic}"
         if isinstance(out, PreparedFrame):
-            step = step_attributes(out.meta, PREPROCESS)
-            step["streamsight.frame.width"] = out.meta.width
-            step["streamsight.frame.height"] = out.meta.height
-            spans.record(SPAN_NAMES[PREPROCESS], ingest, started, ended, step)
-            return replace(out, meta=replace(out.meta, trace_carrier=carrier))
+            meta = out.meta
+            entries = headers.get("baggage")
+            parent_ctx = None
+            if entries and entries != _own_baggage(meta.job_id):
+                parent_ctx = extract(headers)  # other baggage entries travel on
+            ingest = spans.context(name, parent, kind=SpanKind.CONSUMER)
+            if sampled(ingest):
+                spans.compact(
+                    (PREPARED, ingest, parent, start, raw.ingest_ns, started, ended, raw.topic,
+                     meta.partition, meta.offset, group, len(raw.value or b""), meta.job_id,
+                     meta.camera, meta.frame_id, meta.seq, meta.width, meta.height)
+                )  # fmt: skip
+            # The carrier is the frame's own dict (parsed from its headers for it alone):
+            # updated in place, which spares copying the frame and its metadata.
+            meta.trace_carrier.clear()
+            meta.trace_carrier.update(carrier_of(ingest, meta.job_id, parent_ctx))
+            return out
+        parent_ctx = extract(headers)
+        attributes = {
+            **_letter_attributes(out, parent_ctx, INGEST),
+            **source_attributes(raw.topic, raw.partition, raw.offset, group),
+        }
+        attributes["messaging.message.body.size"] = len(raw.value or b"")
+        ingest = spans.record(
+            name, parent, start, raw.ingest_ns, _ingest_attributes(attributes),
+            kind=SpanKind.CONSUMER,
+        )  # fmt: skip
         step = {**attributes, STAGE: PREPROCESS}
         spans.record(
             SPAN_NAMES[PREPROCESS], ingest, started, ended, step, error=(out.reason, out.detail)
         )
-        return replace(out, trace_carrier=carrier)
+        return replace(out, trace_carrier=carrier_of(ingest, str(attributes[JOB_ID]), parent_ctx))
 
     return run
 
@@ -959,28 +1120,21 @@ def traced_infer(
         frames = batch.frames
         metas = [frame.meta for frame in frames]
         parents = [span_context_of(meta.trace_carrier) for meta in metas]
-        batch_info: Attributes = {
-            BATCH_ID: batch.batch_id,
-            "streamsight.batch.size": len(frames),
-            "streamsight.batch.flush_reason": batch.flush_reason,
-        }
-        dispatched = batch.dispatched_ns
-        for frame, parent in zip(frames, parents, strict=True):
-            spans.record(
-                SPAN_NAMES[BATCH_WAIT],
-                parent,
-                min(frame.prepared_ns, dispatched),
-                dispatched,
-                {**step_attributes(frame.meta, BATCH_WAIT), **batch_info},
-            )
+        batch_id = batch.batch_id
         links: list[SpanLink] = [
             (parent, {FRAME_ID: bounded(meta.frame_id)})
             for meta, parent in zip(metas, parents, strict=True)
             if parent is not None
         ]
-        described = {**batch_attributes(metas, INFERENCE), **batch_info, **model}
+        described = {
+            **batch_attributes(metas, INFERENCE),
+            BATCH_ID: batch_id,
+            "streamsight.batch.size": len(frames),
+            "streamsight.batch.flush_reason": batch.flush_reason,
+            **model,
+        }
         context = spans.context(INFERENCE_BATCH_SPAN, None, attributes=described, links=links)
-        batch_link: list[SpanLink] = [(context, {BATCH_ID: batch.batch_id})]
+        dispatched = batch.dispatched_ns
         started = time.time_ns()
         try:
             results = infer(batch)
@@ -988,25 +1142,13 @@ def traced_infer(
             ended = time.time_ns()
             error = ("internal_error", f"inference failed: {type(exc).__name__}")
             spans.record(
-                INFERENCE_BATCH_SPAN,
-                None,
-                started,
-                ended,
-                described,
-                links=links,
-                error=error,
+                INFERENCE_BATCH_SPAN, None, started, ended, described, links=links, error=error,
                 context=context,
-            )
-            for meta, parent in zip(metas, parents, strict=True):
-                spans.record(
-                    SPAN_NAMES[INFERENCE],
-                    parent,
-                    dispatched,
-                    ended,
-                    {**step_attributes(meta, INFERENCE), BATCH_ID: batch.batch_id},
-                    links=batch_link,
-                    error=error,
-                )
+            )  # fmt: skip
+            waited = [
+                (p, f.prepared_ns, ended, f.meta, 0) for f, p in zip(frames, parents, strict=True)
+            ]
+            record_steps(batch, context, waited, error)
             raise
         ended = time.time_ns()
         described.update(_model_attributes(results[0] if results else None, model))
@@ -1014,25 +1156,55 @@ def traced_infer(
         spans.record(
             INFERENCE_BATCH_SPAN, None, started, ended, described, links=links, context=context
         )
-        same_order = len(results) == len(frames)
+        steps = []
+        prepared = {id(meta): frame.prepared_ns for meta, frame in zip(metas, frames, strict=True)}
         for index, result in enumerate(results):
-            if same_order and result.meta is metas[index]:
-                parent = parents[index]
-            else:
-                parent = span_context_of(result.meta.trace_carrier)
-            spans.record(
-                SPAN_NAMES[INFERENCE],
-                parent,
-                dispatched,
-                result.inferred_ns,
-                {
-                    **step_attributes(result.meta, INFERENCE),
-                    BATCH_ID: batch.batch_id,
-                    "streamsight.detections": len(result.detections),
-                },
-                links=batch_link,
-            )
+            meta = result.meta
+            parent = parents[index] if index < len(metas) and meta is metas[index] else None
+            if parent is None:
+                parent = span_context_of(meta.trace_carrier)
+            ready = prepared.get(id(meta), dispatched)
+            steps.append((parent, ready, result.inferred_ns, meta, len(result.detections)))
+        record_steps(batch, context, steps)
         return results
+
+    def record_steps(
+        batch: FrameBatch,
+        context: Ctx,
+        steps: list[tuple[Ctx | None, int, int, FrameMeta, int]],
+        error: Error | None = None,
+    ) -> None:
+        """The batch wait and inference spans of each frame (parent, prepared,
+        inferred, metadata, detections): in one compact record but for failed
+        batches and frames without a trace."""
+        dispatched = batch.dispatched_ns
+        compact = []
+        for parent, ready, inferred, meta, detections in steps:
+            if parent is not None and error is None:
+                if sampled(parent):
+                    compact.append(
+                        (parent, ready, inferred, meta.job_id, meta.camera, meta.frame_id,
+                         detections)
+                    )  # fmt: skip
+                continue
+            wait = step_attributes(meta, BATCH_WAIT)
+            wait[BATCH_ID] = batch.batch_id
+            wait["streamsight.batch.size"] = len(batch.frames)
+            wait["streamsight.batch.flush_reason"] = batch.flush_reason
+            spans.record(SPAN_NAMES[BATCH_WAIT], parent, min(ready, dispatched), dispatched, wait)
+            done = step_attributes(meta, INFERENCE)
+            done[BATCH_ID] = batch.batch_id
+            if error is None:
+                done["streamsight.detections"] = detections
+            spans.record(
+                SPAN_NAMES[INFERENCE], parent, dispatched, inferred, done,
+                links=[(context, {BATCH_ID: batch.batch_id})], error=error,
+            )  # fmt: skip
+        if compact:
+            spans.compact(
+                (INFERRED, context, dispatched, batch.batch_id, len(batch.frames),
+                 batch.flush_reason, compact)
+            )  # fmt: skip
 
     return run
 
@@ -1046,9 +1218,22 @@ class _Write:
 
     context: Ctx
     parent: Ctx | None
-    attributes: Attributes
     job_id: str
+    camera: str
+    frame_id: str
+    batch_id: str = ""
+    detections: int = 0
+    outcome: str = "written"
     error: Error | None = None
+    letter: Attributes | None = None
+    """The attributes of a dead letter's write (None for a frame's result)."""
+
+    def values(self) -> tuple[Any, ...]:
+        """The write as in a compact `WRITTEN` record."""
+        return (
+            self.context, self.parent, self.job_id, self.camera, self.frame_id,
+            self.batch_id, self.detections, self.outcome, self.error, self.letter,
+        )  # fmt: skip
 
 
 class _FrameWrites:
@@ -1066,14 +1251,13 @@ class _FrameWrites:
         """The item was already stored: nothing written."""
         found = self.spans.get(id(item))
         if found:
-            found.attributes["streamsight.sink.outcome"] = "duplicate"
+            found.outcome = "duplicate"
 
     def failed(self, item: object, reason: str, detail: str) -> None:
         """The item became a dead letter here."""
         found = self.spans.get(id(item))
         if found:
-            found.attributes["streamsight.sink.outcome"] = "dead_letter"
-            found.attributes["streamsight.dead_letter.reason"] = reason
+            found.outcome = "dead_letter"
             found.error = (reason, detail)
 
 
@@ -1100,25 +1284,24 @@ def write_tracer(
 
     def write_of(item: Any) -> _Write:
         if isinstance(item, FrameResult):
-            parent = span_context_of(item.meta.trace_carrier)
-            attributes = step_attributes(item.meta, SINK)
-            attributes[BATCH_ID] = item.batch_id
-            attributes["streamsight.detections"] = len(item.detections)
-            attributes["streamsight.sink.outcome"] = "written"
-            job_id = item.meta.job_id
-            error = None
-        else:
-            parent = span_context_of(item.trace_carrier)
-            attributes = _letter_attributes(item, extract(item.trace_carrier), SINK)
-            attributes["streamsight.sink.outcome"] = "dead_letter"
-            attributes["streamsight.source.topic"] = bounded(item.topic)
-            attributes["streamsight.source.partition"] = item.partition
-            attributes["streamsight.source.offset"] = item.offset
-            job_id = str(attributes[JOB_ID])
-            error = (item.reason, item.detail)
-        attributes.update(destination)
+            meta = item.meta
+            parent = span_context_of(meta.trace_carrier)
+            context = spans.context(name, parent, kind=SpanKind.PRODUCER)
+            return _Write(
+                context, parent, meta.job_id, meta.camera, meta.frame_id, item.batch_id,
+                len(item.detections),
+            )  # fmt: skip
+        parent = span_context_of(item.trace_carrier)
+        attributes = _letter_attributes(item, extract(item.trace_carrier), SINK)
+        attributes["streamsight.source.topic"] = bounded(item.topic)
+        attributes["streamsight.source.partition"] = item.partition
+        attributes["streamsight.source.offset"] = item.offset
         context = spans.context(name, parent, kind=SpanKind.PRODUCER)
-        return _Write(context, parent, attributes, job_id, error)
+        return _Write(
+            context, parent, str(attributes[JOB_ID]), str(attributes[CAMERA]),
+            str(attributes.get(FRAME_ID, "")), outcome="dead_letter",
+            error=(item.reason, item.detail), letter=attributes,
+        )  # fmt: skip
 
     @contextmanager
     def trace_writes(items: Sequence[Any]) -> Iterator[_FrameWrites]:
@@ -1126,49 +1309,18 @@ def write_tracer(
         writes = _FrameWrites()
         for item in items:
             writes.spans[id(item)] = write_of(item)
-        failure: BaseException | None = None
+        failure: str | None = None
         try:
             yield writes
         except BaseException as exc:
-            failure = exc
+            failure = type(exc).__name__
             raise
         finally:
-            ended = time.time_ns()
-            links: list[SpanLink] = []
-            for write in writes.spans.values():
-                if write.parent is not None:
-                    frame_id = str(write.attributes.get(FRAME_ID, ""))
-                    links.append((write.parent, {FRAME_ID: frame_id}))
-                error = write.error
-                if failure is not None:
-                    error = ("sink_error", type(failure).__name__)
-                spans.record(
-                    name,
-                    write.parent,
-                    started,
-                    ended,
-                    write.attributes,
-                    kind=SpanKind.PRODUCER,
-                    error=error,
-                    context=write.context,
-                )
-            written = list(writes.spans.values())
-            spans.record(
-                SINK_BATCH_SPAN,
-                None,
-                started,
-                ended,
-                {
-                    STAGE: SINK,
-                    SCOPE_ATTR: "batch",
-                    JOB_ID: joined([w.job_id for w in written]),
-                    CAMERA: joined([str(w.attributes[CAMERA]) for w in written]),
-                    "messaging.batch.message_count": len(written),
-                    **destination,
-                },
-                kind=SpanKind.PRODUCER,
-                links=links,
-                error=("sink_error", type(failure).__name__) if failure is not None else None,
-            )
+            written = writes.spans.values()
+            if any(sampled(w.context) or sampled(w.parent) for w in written):
+                spans.compact(
+                    (WRITTEN, started, time.time_ns(), destination, failure,
+                     [w.values() for w in written])
+                )  # fmt: skip
 
     return trace_writes

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
+from typing import Any
 
 import numpy as np
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from flows.camera import OutgoingFrame
 from operators import dead_letters as dl
@@ -28,7 +31,10 @@ from operators.span_export import (
     span_record,
 )
 from operators.tracing import (
+    SpanRecorder,
     Tracing,
+    expand,
+    parent_based_sampler,
     send_tracer,
     setup_tracing,
     traced_infer,
@@ -121,6 +127,52 @@ def test_an_encoder_with_a_full_cache_starts_over() -> None:
     encoder = RecordEncoder(spans[0].resource, scope, max_cached=4)
     assert encoder.request([span_record(s) for s in spans]) == encode_spans(spans)
     assert len(encoder._cache) <= 4
+
+
+class PipedRecords:
+    """Keeps what the recorder hands to an export process."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[Any, ...]] = []
+
+    def on_record(self, record: tuple[Any, ...]) -> None:
+        self.records.append(record)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        raise AssertionError("an export process gets records, not SDK spans")
+
+
+def _described(name: str, kind: int, attributes: Any, code: int) -> tuple[Any, ...]:
+    return name, kind, frozenset(dict(attributes).items()), code
+
+
+def test_a_frame_is_piped_as_one_record_per_stage_that_expands_to_its_spans() -> None:
+    provider = TracerProvider(sampler=parent_based_sampler(), shutdown_on_exit=False)
+    piped = PipedRecords()
+    recorder = SpanRecorder(provider, piped)  # type: ignore[arg-type]
+    tracing = Tracing(True, provider.get_tracer("test"), provider, recorder=recorder)
+    trace_frames(tracing, frames=40)
+    # 40 sends, 39 prepared frames, the dead letter's ingest and preprocess spans, the
+    # inference batch span, its frames' wait and inference spans, the sink's write batch.
+    assert len(piped.records) == 40 + 39 + 2 + 1 + 1 + 1
+    ids = RandomIdGenerator()
+    spans = [s for r in piped.records for s in (expand(r, ids) if r[0] in (1, 2, 3) else [r])]
+    assert len(spans) == 240
+    assert len({span[4][1] for span in spans}) == 240  # every span has its own id
+    by_id = {span[4][1]: span for span in spans}
+    for span in spans:
+        parent = span[5]
+        if parent is not None and parent[1] in by_id:
+            assert span[4][0] == parent[0]  # a child is in its parent's trace
+
+    memory = InMemorySpanExporter()
+    in_process = setup_tracing(exporter=memory, processor=SimpleSpanProcessor, flush_at_exit=False)
+    trace_frames(in_process, frames=40)
+    expected = Counter(
+        _described(s.name, s.kind.value, s.attributes, s.status.status_code.value)
+        for s in memory.get_finished_spans()
+    )
+    assert Counter(_described(s[0], s[1], s[6], s[8][0]) for s in spans) == expected
 
 
 def test_the_export_process_exports_every_span() -> None:
