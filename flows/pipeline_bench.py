@@ -563,20 +563,29 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     workers = bench.workers
     one = "" if workers == 1 else ", the pipeline with 1 worker"
     log(
-        f"{plan.repeats} rounds of: saturation with {workers} worker(s), telemetry off and"
-        f" on{one}, the naive loop, the compute-bound ceiling"
+        f"{plan.repeats} rounds of: saturation with {workers} worker(s), telemetry off, on, on"
+        f" and off{one}, the naive loop, the compute-bound ceiling"
     )
     # The machine's speed drifts between runs by more than the effects measured, so the
     # figures compared are taken in rounds, one of each per round, and each ratio is the
     # median of its rounds' ratios.
     sat_runs: list[RunResult] = []
     tel_runs: list[RunResult] = []
+    round_fps: list[float] = []
+    paired: list[float] = []
     one_worker_runs: list[RunResult] = []
     naive_runs: list[dict[str, Any]] = []
     ceiling_runs: list[float] = []
     for _ in range(plan.repeats):
-        sat_runs.append(bench.saturation(base, plan.saturation_frames))
-        tel_runs.append(bench.saturation(base, plan.saturation_frames, telemetry=True))
+        # Off, on, on, off: the order of the runs and a steady drift of the machine's
+        # speed cancel out of telemetry's ratio.
+        off = [bench.saturation(base, plan.saturation_frames)]
+        on = [bench.saturation(base, plan.saturation_frames, telemetry=True) for _ in "ab"]
+        off.append(bench.saturation(base, plan.saturation_frames))
+        sat_runs += off
+        tel_runs += on
+        round_fps.append(statistics.fmean(r.fps for r in off))
+        paired.append(sum(r.fps for r in on) / sum(r.fps for r in off))
         if workers != 1:
             bench.workers = 1
             try:
@@ -656,7 +665,6 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     gpu_samples = [r.gpu_utilisation for r in sat_runs if r.gpu_utilisation is not None]
     gpu_busy = statistics.median(gpu_samples) if gpu_samples else None
     tel_fps = statistics.median(r.fps for r in tel_runs)
-    paired = [on.fps / off.fps for off, on in zip(sat_runs, tel_runs, strict=True)]
     best_fixed_sat = max(r.fps for r in by_size.values())
     best_fixed_low = min(low_default.latency_ms["p99"], unbatched_low.latency_ms["p99"])
     report: dict[str, Any] = {
@@ -682,6 +690,7 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "spread": round(_spread([r.fps for r in sat_runs]), 3),
             "telemetry_on": [r.as_dict() for r in tel_runs],
             "telemetry_medians_on_over_off": round(tel_fps / capacity, 3),
+            "telemetry_rounds": [round(r, 3) for r in paired],
             "one_worker": [r.as_dict() for r in one_worker_runs],
             "one_worker_frames_per_s": (
                 round(statistics.median(r.fps for r in one_worker_runs), 1)
@@ -717,16 +726,16 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
         "ratios": {
             "pipeline_over_naive": round(
                 statistics.median(
-                    r.fps / n["frames_per_s"] for r, n in zip(sat_runs, naive_runs, strict=True)
+                    fps / n["frames_per_s"] for fps, n in zip(round_fps, naive_runs, strict=True)
                 ),
                 3,
             ),
             "pipeline_over_ceiling": round(
-                statistics.median(r.fps / c for r, c in zip(sat_runs, ceiling_runs, strict=True)),
+                statistics.median(fps / c for fps, c in zip(round_fps, ceiling_runs, strict=True)),
                 3,
             ),
-            # Each telemetry run against the run just before it, then the median: the
-            # machine's speed drifts between runs far more than telemetry costs.
+            # Each round's two telemetry runs against the two around them, then the
+            # median: the machine's speed drifts between runs more than telemetry costs.
             "telemetry_on_over_off": round(statistics.median(paired), 3),
             "adaptive_over_best_fixed": round(adaptive_sat.fps / best_fixed_sat, 3),
             "rss_100k_over_10k": memory["rss_largest_over_smallest"] if memory else None,
@@ -804,8 +813,10 @@ def _print(report: dict[str, Any], console: Console) -> None:
             f">= {t['pipeline_over_ceiling']}",
         ),
         (
-            "telemetry on / off (median of paired runs)",
-            f"{r['telemetry_on_over_off']:.2f} (medians {p['telemetry_medians_on_over_off']:.2f})",
+            "telemetry on / off (median of rounds off, on, on, off)",
+            f"{r['telemetry_on_over_off']:.2f} (rounds"
+            f" {', '.join(f'{v:.2f}' for v in p['telemetry_rounds'])};"
+            f" medians {p['telemetry_medians_on_over_off']:.2f})",
             f">= {t['telemetry_on_over_off']}",
         ),
         (

@@ -17,7 +17,8 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
     for name in ("batch_size.png", "max_delay.png", "offered_load.png"):
         assert (tmp_path / name).stat().st_size > 0
     pipeline = report["pipeline"]
-    assert len(pipeline["saturation"]) == 2 and len(pipeline["telemetry_on"]) == 2
+    assert len(pipeline["saturation"]) == 4 and len(pipeline["telemetry_on"]) == 4
+    assert len(pipeline["telemetry_rounds"]) == 2
     for run in pipeline["saturation"] + pipeline["telemetry_on"]:
         assert run["frames"] > 0 and run["frames_per_s"] > 0
         assert run["cpu_utilisation"] > 0 and run["peak_rss_mb"] > 0
