@@ -12,7 +12,8 @@ SLO; with no need to wait, it is zero and a batch holds whatever arrived togethe
 frames reach the batcher already older than half the SLO (a backlog), it takes the
 largest size the SLO allows (the largest size of all once frames are older than the SLO,
 or when no batch fits it, as with a heavy model) and the configured delay bound, so that
-batches fill from the waiting frames.
+batches fill from the waiting frames. Arrivals during a backlog do not count toward the
+arrival rate: they come as fast as they are read, not as the cameras send them.
 
 Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
 the worker threads of a process.
@@ -97,6 +98,13 @@ class AdaptiveBatching:
         """`frames` frames of stream `key` reached the batcher at `now_ns`."""
         with self._lock:
             self._keys[key] = now_ns
+            if self._wait_s > self.bounds.latency_slo_s / 2:
+                # A backlog: frames arrive as fast as they are read, not as they are sent
+                # (a burst that waited for the flow's start-up reads as thousands per
+                # second). The rate is measured afresh once the backlog has drained.
+                self._rate = 0.0
+                self._window_start, self._window_frames = now_ns, 0
+                return
             if self._window_start is None:
                 self._window_start = now_ns
             self._window_frames += frames

@@ -153,6 +153,26 @@ def test_a_backlog_takes_the_largest_size_the_slo_allows() -> None:
     assert controller.limits().max_delay_ns == 50_000_000
 
 
+def test_a_burst_that_waited_for_the_start_is_not_read_as_the_arrival_rate() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    for size in (1, 2):
+        controller.observe_inference(size, cost(size), wait_s=0.005)
+    # 1,000 frames that waited 2 s for the flow's start reach the batcher in 0.5 s.
+    for tick in range(51):
+        controller.observe_inference(16, cost(16), wait_s=2.0)
+        controller.observe_arrivals(f"k{tick % 4}", 20, tick * 10_000_000)
+    assert controller.limits().max_size > 1
+    # Then the cameras' own 40 frames/s, each frame fresh: one frame per batch, no wait.
+    limits = []
+    for tick in range(60):
+        now = 500_000_000 + tick * 25_000_000
+        controller.observe_arrivals(f"k{tick % 4}", 1, now)
+        controller.observe_inference(1, cost(1), wait_s=0.002)
+        limits.append(controller.limits(now))
+    assert 30 <= controller.arrival_rate() <= 50
+    assert limits[-20:] == [BatchLimits(1, 0)] * 20
+
+
 def test_a_model_slower_than_the_slo_still_drains_a_backlog_in_large_batches() -> None:
     controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
     for size in (1, 2):
