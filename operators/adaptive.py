@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 RECENT_PASSES = 64
 """How many recent forward passes say how many workers run them."""
+OUTLIER_FACTOR = 3.0
+"""A forward pass counts toward the cost model as at most this many times its estimate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,13 @@ class AdaptiveBatching:
             return
         d = self.bounds.decay
         with self._lock:
+            expected = self._cost(size)
+            if expected is not None:
+                # A pass stalled by something else (the process preempted, a garbage
+                # collection) says little about the model: it counts as at most a few
+                # times what was expected, so the estimate follows a lasting change in a
+                # few passes but one stall does not make frames wait to fill batches.
+                seconds = min(seconds, OUTLIER_FACTOR * expected)
             self._workers.append(worker)
             self._w = d * self._w + 1.0
             self._wx = d * self._wx + size

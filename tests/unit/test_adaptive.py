@@ -173,6 +173,19 @@ def test_a_burst_that_waited_for_the_start_is_not_read_as_the_arrival_rate() -> 
     assert limits[-20:] == [BatchLimits(1, 0)] * 20
 
 
+def test_one_stalled_pass_does_not_make_frames_wait() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    simulate(controller, rate=60.0, seconds=5.0)
+    steady = controller.limits()
+    assert steady == BatchLimits(1, 0)
+    controller.observe_inference(1, 0.1)  # 20 times the usual 5.1 ms: the process stalled
+    assert controller.limits() == steady
+    # A lasting change in the model's cost is followed within a few passes.
+    for _ in range(20):
+        controller.observe_inference(1, 3 * cost(1))
+    assert controller.cost_s(1) == pytest.approx(3 * cost(1), rel=0.2)
+
+
 def test_a_model_slower_than_the_slo_still_drains_a_backlog_in_large_batches() -> None:
     controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
     for size in (1, 2):
