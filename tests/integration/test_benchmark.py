@@ -27,6 +27,8 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
     ceiling = report["ceilings"]["compute_bound_frames_per_s"]
     assert len(ceiling["runs"]) == 2 and ceiling["median"] > 0
     assert len(report["adaptive"]["low_load_rounds"]) == 1
+    assert len(report["adaptive"]["saturation_rounds"]) == 1
+    assert str(report["adaptive"]["best_fixed_size"]) in report["sweeps"]["batch_size_saturation"]
     assert report["ceilings"]["stages"]["batches"]
     assert set(report["ratios"]) == {
         "pipeline_over_naive",
