@@ -1,19 +1,21 @@
 """Adaptive batching: an online controller that picks each batch's size and delay bounds.
 
 The controller learns the model's cost per batch, `t(b) = fixed + per_frame * b` (least
-squares over exponentially weighted observations), and the arrival rate of frames. It
-picks the smallest batch size that keeps the model's utilisation under `target_load`
-(small batches: low latency while the model keeps up; with several worker threads
-running forward passes side by side, the load is shared among them), growing toward the
-largest size whose forward pass fits the latency SLO when the load is high (large
-batches: the most frames per second). The delay bound is the time the batch needs to
-fill at the observed rate, capped so that waiting plus the forward pass stays within the
-SLO; with no need to wait, it is zero and a batch holds whatever arrived together. When
-frames reach the batcher already older than half the SLO (a backlog), it takes the
-largest size the SLO allows (the largest size of all once frames are older than the SLO,
-or when no batch fits it, as with a heavy model) and the configured delay bound, so that
-batches fill from the waiting frames. Arrivals during a backlog do not count toward the
-arrival rate: they come as fast as they are read, not as the cameras send them.
+squares over exponentially weighted observations), and the arrival rate of frames. The
+size bound is the smallest batch that comes within 3 % of the frames per second of the
+largest one whose forward pass fits half the latency SLO: larger batches would gain
+little, and a worker runs one pass at a time, so every stream it serves waits for each.
+With no delay, a batch holds whatever arrived together: one frame at low load, and as
+load grows, the frames that arrived during the last pass, so batches follow load on
+their own. A batch waits to fill only when even full batches would keep the model busier
+than `target_load` (with several worker threads running forward passes side by side,
+the load is shared among them): the delay is then the time it needs to fill at the
+observed rate, capped so that waiting plus the forward pass stays within the SLO. When
+frames reach the batcher already older than half the SLO (a backlog), the batch takes
+the configured delay bound to fill from the waiting frames (and once frames are older
+than the SLO, or when no batch fits it, as with a heavy model, the size is bounded by
+throughput alone). Arrivals during a backlog do not count toward the arrival rate: they
+come as fast as they are read, not as the cameras send them.
 
 Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
 the worker threads of a process.
@@ -29,8 +31,14 @@ from dataclasses import dataclass
 
 RECENT_PASSES = 64
 """How many recent forward passes say how many workers run them."""
+RECENT_SIZES = 32
+"""How many recent forward passes bound the sizes the cost model speaks for (their weight
+in the fit: the oldest of them counts 0.9 ** 32 = 4 % as much as the newest)."""
 OUTLIER_FACTOR = 3.0
 """A forward pass counts toward the cost model as at most this many times its estimate."""
+EFFICIENCY = 0.97
+"""Batches grow only while they still gain more than this share of the largest allowed
+batch's frames per second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,7 @@ class AdaptiveBatching:
         self._keys: dict[str, int] = {}
         self._wait_s = 0.0
         self._workers: deque[Hashable] = deque(maxlen=RECENT_PASSES)
+        self._recent_sizes: deque[int] = deque(maxlen=RECENT_SIZES)
         self._limits = bounds.start()
 
     # Observations ---------------------------------------------------------------------
@@ -135,6 +144,7 @@ class AdaptiveBatching:
                 # few passes but one stall does not make frames wait to fill batches.
                 seconds = min(seconds, OUTLIER_FACTOR * expected)
             self._workers.append(worker)
+            self._recent_sizes.append(size)
             self._w = d * self._w + 1.0
             self._wx = d * self._wx + size
             self._wy = d * self._wy + seconds
@@ -190,6 +200,21 @@ class AdaptiveBatching:
                     del self._keys[key]
             return self._limits
 
+    def _efficient_size(self, limit: int) -> int:
+        """The smallest size whose frames per second come within `EFFICIENCY` of those of
+        `limit`: larger batches gain little more but take longer, and a worker runs one
+        pass at a time, so every other stream it serves waits for it. The fit speaks
+        only for the sizes recent passes had: it picks no smaller size than those (a
+        model fitted to batches of 16 and 64 says little about the fixed cost of one
+        frame), and until two sizes have been measured, it is `limit` itself."""
+        if len(self._sizes) < 2:
+            return limit
+        best = limit / max(self._cost(limit) or 0.0, 1e-12)
+        for size in range(max(self.bounds.min_size, min(self._recent_sizes)), limit):
+            if size / max(self._cost(size) or 0.0, 1e-12) >= EFFICIENCY * best:
+                return size
+        return limit
+
     def _update(self) -> None:
         b = self.bounds
         if self._cost(1) is None:
@@ -204,14 +229,7 @@ class AdaptiveBatching:
                 cap = size
         fits = (self._cost(cap) or 0.0) <= slo / 2
         rate = self._rate
-        size = cap
         workers = self._worker_count()
-        if rate > 0:
-            for candidate in range(b.min_size, cap + 1):
-                cost = self._cost(candidate) or 0.0
-                if rate * cost / candidate / workers <= b.target_load:
-                    size = candidate
-                    break
         keys = max(len(self._keys), 1)
         if self._wait_s > slo / 2:
             # Frames reach the batcher late: a backlog, so the most frames per second.
@@ -219,14 +237,20 @@ class AdaptiveBatching:
             # the delay only bounds a lull (with none, each batch would hold no more than
             # one hand-over and the backlog would drain in small, slow batches).
             # When frames are already older than the SLO, or not even the smallest batch
-            # fits it, the SLO is lost whatever the size: the largest batch then drains
-            # the backlog fastest.
-            size = cap if fits and self._wait_s <= slo else b.max_size
+            # fits it, the SLO is lost whatever the size: the size is then bounded by
+            # throughput alone.
+            size = self._efficient_size(cap if fits and self._wait_s <= slo else b.max_size)
             delay_s = b.max_delay_s if size > 1 else 0.0
-        elif size <= 1 or rate <= 0:
-            delay_s = 0.0
         else:
-            fill_s = size * keys / rate
-            room = max(slo - (self._cost(size) or 0.0) - self._wait_s, 0.0)
-            delay_s = min(fill_s, room, b.max_delay_s)
+            size = self._efficient_size(cap)
+            if rate <= 0 or rate * (self._cost(size) or 0.0) / size / workers <= b.target_load:
+                # The model keeps up even if no batch waits to fill: a batch takes what
+                # arrived together, up to `size`. At low load that is one frame; as load
+                # grows, more frames arrive during each pass and the next batch takes them.
+                delay_s = 0.0
+            else:
+                # Only full batches keep up: each waits for its frames, within the SLO.
+                fill_s = size * keys / rate
+                room = max(slo - (self._cost(size) or 0.0) - self._wait_s, 0.0)
+                delay_s = min(fill_s, room, b.max_delay_s)
         self._limits = BatchLimits(size, int(delay_s * 1e9) if math.isfinite(delay_s) else 0)
