@@ -463,7 +463,8 @@ class Plan:
     loads: tuple[float, ...]
     distinct_frames: int
     repeats: int = 5
-    low_load_rounds: int = 3
+    adaptive_rounds: int = 3
+    """Rounds comparing adaptive batching with fixed settings, at saturation and at low load."""
     backlog_runs: tuple[int, ...] = (10_000, 100_000)
 
 
@@ -480,7 +481,7 @@ QUICK = Plan(
     (0.3, 0.7),
     16,
     repeats=2,
-    low_load_rounds=1,
+    adaptive_rounds=1,
     backlog_runs=(300, 900),
 )
 
@@ -621,11 +622,11 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     # adaptive, fixed.
     best_size = max(by_size, key=lambda size: by_size[size].fps)
     log(
-        f"{plan.low_load_rounds} rounds at saturation of: batch {best_size} (the best fixed"
+        f"{plan.adaptive_rounds} rounds at saturation of: batch {best_size} (the best fixed"
         " size), adaptive, adaptive, the same fixed size"
     )
     sat_rounds: list[tuple[list[RunResult], list[RunResult]]] = []
-    for _ in range(plan.low_load_rounds):
+    for _ in range(plan.adaptive_rounds):
         fixed_runs = [bench.saturation(fixed(best_size, 50.0), plan.saturation_frames)]
         adaptive_runs = [bench.saturation(adaptive, plan.saturation_frames) for _ in "ab"]
         fixed_runs.append(bench.saturation(fixed(best_size, 50.0), plan.saturation_frames))
@@ -646,11 +647,11 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     by_load = {load: bench.paced(base, load * capacity, plan.paced_seconds) for load in plan.loads}
     low = min(plan.loads)
     log(
-        f"{plan.low_load_rounds} rounds at {low:.0%} load of: the default, batch 1 with no"
+        f"{plan.adaptive_rounds} rounds at {low:.0%} load of: the default, batch 1 with no"
         " delay, adaptive; then adaptive at 70%"
     )
     low_rounds: list[tuple[RunResult, RunResult, RunResult]] = []
-    for _ in range(plan.low_load_rounds):
+    for _ in range(plan.adaptive_rounds):
         low_rounds.append(
             (
                 bench.paced(base, low * capacity, plan.paced_seconds),
