@@ -5,9 +5,10 @@ generic encoder builds every attribute anew: about 45 microseconds per span). He
 finished spans become plain records (`span_record`), the stages of a frame one compact
 record (`tracing.expand`); they are piped in batches to a child Python process
 (`ExportProcess`), which expands the compact ones, and there `RecordEncoder` turns them
-into the same `ExportTraceServiceRequest` the SDK's encoder builds, reusing the encoded
-attribute of every (key, value) pair it has seen before (stages, jobs, cameras, topics:
-the values of a stream repeat). The OTLP exporters then send the request as usual.
+into the same `ExportTraceServiceRequest` the SDK's encoder builds: ids, times and flags
+are written in protobuf's wire format, and the encoded attribute of every (key, value)
+pair seen before is reused (stages, jobs, cameras, topics: the values of a stream
+repeat). The OTLP exporters then send the request as usual.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
+from struct import pack
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -93,6 +95,9 @@ _KINDS = {
 _LINK = PBSpan.Link
 _HAS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = _HAS_REMOTE | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+_FLAGS_LOCAL = PBSpan(flags=_HAS_REMOTE).SerializeToString()
+_FLAGS_REMOTE = PBSpan(flags=_IS_REMOTE).SerializeToString()
+_LOW64 = (1 << 64) - 1
 
 
 def _value(value: Any) -> AnyValue:
@@ -123,46 +128,60 @@ class RecordEncoder:
         self.scope = template.scope_spans[0].scope
         self.scope_schema_url = template.scope_spans[0].schema_url
         self.max_cached = max_cached
-        self._cache: dict[tuple[type, str, type, Any], bytes] = {}
+        self._cache: dict[tuple[Any, ...], bytes] = {}
 
     def _attribute(self, key: str, value: Any, owner: type = PBSpan) -> bytes:
         """The attribute serialised as an `attributes` entry of `owner` (a Span or a
         Span.Link: the field numbers differ)."""
-        cache_key = (owner, key, type(value), value)
+        cache_key = (key, value, type(value), owner)
         found = self._cache.get(cache_key)
         if found is None:
-            if len(self._cache) >= self.max_cached:
-                self._cache.clear()
             entry = owner(attributes=[KeyValue(key=key, value=_value(value))])
-            found = self._cache[cache_key] = entry.SerializeToString()
+            found = self._encoded(cache_key, entry)
         return found
 
-    def _add_span(self, spans: Any, record: SpanRecord) -> None:
-        name, kind, start, end, context, parent, attributes, links, (code, description) = record
-        span = spans.add(
-            trace_id=context[0].to_bytes(16, "big"),
-            span_id=context[1].to_bytes(8, "big"),
-            trace_state=context[3],
-            parent_span_id=parent[1].to_bytes(8, "big") if parent is not None else None,
-            name=name,
-            kind=_KINDS[kind],
-            start_time_unix_nano=start,
-            end_time_unix_nano=end,
-            status=PBStatus(code=code, message=description),
-            flags=_IS_REMOTE if parent is not None and parent[4] else _HAS_REMOTE,
-        )
-        attribute = self._attribute
-        span.MergeFromString(b"".join([attribute(k, v) for k, v in attributes.items()]))
+    def _encoded(self, cache_key: tuple[Any, ...], message: Any) -> bytes:
+        """`message` serialised, kept under `cache_key` for reuse."""
+        if len(self._cache) >= self.max_cached:
+            self._cache.clear()
+        found: bytes = message.SerializeToString()
+        self._cache[cache_key] = found
+        return found
+
+    def _span(self, record: SpanRecord) -> bytes:
+        """`record` as a `spans` entry of ScopeSpans: tag, length and the Span message.
+
+        Ids, times and flags (fixed-size fields) are written here in protobuf's wire
+        format; names, statuses and attributes are serialised by protobuf once and
+        reused."""
+        name, kind, start, end, context, parent, attributes, links, status = record
+        cache = self._cache
+        trace_id = context[0]
+        parts = [pack(">BBQQBBQ", 0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, context[1])]
+        if context[3]:
+            key = (PBSpan, "trace_state", context[3])
+            parts.append(cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3])))
+        if parent is not None:
+            parts.append(pack(">BBQ", 0x22, 8, parent[1]))
+        key = (PBSpan, name, kind)
+        parts.append(cache.get(key) or self._encoded(key, PBSpan(name=name, kind=_KINDS[kind])))
+        parts.append(pack("<BQBQ", 0x39, start, 0x41, end))
+        attribute, get = self._attribute, cache.get
+        parts += [get((k, v, type(v), PBSpan)) or attribute(k, v) for k, v in attributes.items()]
         for link, link_attributes in links:
-            added = span.links.add(
-                trace_id=link[0].to_bytes(16, "big"),
-                span_id=link[1].to_bytes(8, "big"),
-                flags=_IS_REMOTE if link[4] else _HAS_REMOTE,
-            )
-            if link_attributes:
-                added.MergeFromString(
-                    b"".join([attribute(k, v, _LINK) for k, v in link_attributes.items()])
-                )
+            body = [pack(">BBQQBBQ", 0x0A, 16, link[0] >> 64, link[0] & _LOW64, 0x12, 8, link[1])]
+            body += [attribute(k, v, _LINK) for k, v in link_attributes.items()]
+            body.append(pack("<BI", 0x35, _IS_REMOTE if link[4] else _HAS_REMOTE))
+            encoded = b"".join(body)
+            parts += [b"\x6a", _varint(len(encoded)), encoded]
+        key = (PBStatus, *status)
+        parts.append(
+            cache.get(key)
+            or self._encoded(key, PBSpan(status=PBStatus(code=status[0], message=status[1])))
+        )
+        parts.append(_FLAGS_REMOTE if parent is not None and parent[4] else _FLAGS_LOCAL)
+        span = b"".join(parts)
+        return b"".join((b"\x12", _varint(len(span)), span))
 
     def request(self, records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
         """The OTLP request that carries `records`."""
@@ -171,10 +190,21 @@ class RecordEncoder:
         resource_spans.resource.CopyFrom(self.resource)
         scope_spans = resource_spans.scope_spans.add(schema_url=self.scope_schema_url)
         scope_spans.scope.CopyFrom(self.scope)
-        spans = scope_spans.spans
-        for record in records:
-            self._add_span(spans, record)
+        span = self._span
+        scope_spans.MergeFromString(b"".join([span(record) for record in records]))
         return request
+
+
+def _varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf varint."""
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class EncodedSpans(Sequence[Any]):
