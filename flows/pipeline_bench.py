@@ -45,7 +45,7 @@ from flows.settings import Settings
 from operators.decode import FrameLimits, decode_pixels
 from operators.detector import DEFAULT_WIDTHS, LoadedDetector, TinyDet, load_detector
 from operators.frames import FrameResult
-from operators.inference import Inferencer
+from operators.inference import Inferencer, threads_per_worker
 from operators.ingest import frame_source
 from operators.kafka_io import CheckedProducer, client_config, producer_config
 from operators.metrics import PipelineMetrics
@@ -315,9 +315,17 @@ class Bench:
             metrics=metrics,
             model={"streamsight.device": inferencer.device_name},
         )
+        # As `python -m bytewax.run flows.video -w N` does: the workers share the cores
+        # (the naive loop and the ceilings keep torch's default, all cores).
+        threads = torch.get_num_threads()
+        if inferencer.device.type == "cpu":
+            torch.set_num_threads(threads_per_worker(self.workers))
         cpu0, wall0 = _cpu_s(), time.perf_counter()
-        with GpuUtilisation() as gpu:
-            cluster_main(flow, [], 0, worker_count_per_proc=self.workers)
+        try:
+            with GpuUtilisation() as gpu:
+                cluster_main(flow, [], 0, worker_count_per_proc=self.workers)
+        finally:
+            torch.set_num_threads(threads)
         wall = time.perf_counter() - wall0
         cpu = _cpu_s() - cpu0
         tracing.flush()
@@ -689,6 +697,9 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "model": bench.inferencer.detector.name,
             "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(),
+            "torch_threads_per_worker": (
+                threads_per_worker(workers) if bench.inferencer.device.type == "cpu" else None
+            ),
         },
         "workers": workers,
         "settings": {

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     score_threshold: float = Field(
         default=0.35, ge=0.0, le=1.0, description="detections below this score are dropped"
     )
+    cpu_threads: int = Field(
+        default=0,
+        ge=0,
+        description="the model's threads per worker on CPU; 0 = the cores shared among the"
+        " process's workers",
+    )
 
     # Sink
     sink: str = Field(

@@ -19,7 +19,7 @@ from flows.recovery import enable_recovery
 from flows.settings import load_settings, parse_size
 from operators.frames import DeadLetter, FrameResult
 from operators.gpu import GpuSampler
-from operators.inference import shared_inferencer
+from operators.inference import shared_inferencer, threads_per_worker
 from operators.ingest import frame_source
 from operators.kafka_io import client_config, producer_config
 from operators.metrics import LagTracker, PipelineMetrics, pipeline_metrics, start_metrics_server
@@ -27,6 +27,7 @@ from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import StoreError, open_store
 from operators.tally import Tally
 from operators.tracing import setup_tracing, write_tracer
+from operators.workers import workers_per_process
 
 log = logging.getLogger("flows.video")
 T = TypeVar("T")
@@ -102,6 +103,7 @@ try:
         score_threshold=settings.score_threshold,
         input_size=parse_size(settings.model_input_size) if settings.model_input_size else None,
         classes=tuple(settings.model_classes.split(",")) if settings.model_classes else None,
+        cpu_threads=threads_per_worker(workers_per_process(), settings.cpu_threads),
     )
 except ValueError as exc:
     raise SystemExit(f"streamsight: {exc}") from None

@@ -3,12 +3,15 @@
 The model is loaded once per process and shared by its workers. Frames travel as uint8
 and become float on the device (4x less to copy); on CUDA the host buffer is pinned, the
 copy is non-blocking, each worker thread has its own stream, and the model runs in
-reduced precision.
+reduced precision. On CPU the cores are shared among the workers: each worker's forward
+pass runs on cores / workers threads, so workers that infer at once do not run more
+threads than there are cores.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +44,20 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[name]
 
 
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, setting: int = 0) -> int:
+    """The model's CPU threads for each of `workers` worker threads: `setting` when
+    given (> 0), else the cores shared among the workers (at least 1)."""
+    return setting if setting > 0 else max(1, cores() // max(workers, 1))
+
+
 @dataclass
 class Inferencer:
     """A loaded detector on its device, turning batches into per-frame results."""
@@ -58,10 +75,15 @@ class Inferencer:
         device: str = "auto",
         precision: str = "auto",
         score_threshold: float = 0.35,
+        cpu_threads: int = 0,
     ) -> Inferencer:
-        """Move `detector` to its device and precision and warm it up."""
+        """Move `detector` to its device and precision and warm it up. On CPU,
+        `cpu_threads` (> 0) sets the threads of each forward pass, for every worker
+        thread started after this (torch's threads are a process-wide setting)."""
         dev = resolve_device(device)
         dtype = resolve_precision(precision, dev)
+        if dev.type == "cpu" and cpu_threads > 0:
+            torch.set_num_threads(cpu_threads)
         module = detector.module.to(dev)
         if dtype != torch.float32:
             module = module.to(dtype)
@@ -158,21 +180,29 @@ def shared_inferencer(
     score_threshold: float,
     input_size: tuple[int, int] | None = None,
     classes: tuple[str, ...] | None = None,
+    cpu_threads: int = 0,
 ) -> Inferencer:
     """The process's inferencer for these settings, loaded on first use."""
-    key = (model_path, device, precision, score_threshold, input_size, classes)
+    key = (model_path, device, precision, score_threshold, input_size, classes, cpu_threads)
     with _lock:
         if key not in _shared:
             detector = load_detector(model_path, input_size=input_size, classes=classes)
             inferencer = Inferencer.create(
-                detector, device=device, precision=precision, score_threshold=score_threshold
+                detector,
+                device=device,
+                precision=precision,
+                score_threshold=score_threshold,
+                cpu_threads=cpu_threads,
             )
             log.info(
-                "loaded model %s %s on %s (%s)",
+                "loaded model %s %s on %s (%s%s)",
                 detector.name,
                 detector.version,
                 inferencer.device_name,
                 str(inferencer.dtype).removeprefix("torch."),
+                f", {torch.get_num_threads()} threads per worker"
+                if inferencer.device.type == "cpu"
+                else "",
             )
             _shared[key] = inferencer
         return _shared[key]

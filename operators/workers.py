@@ -9,7 +9,11 @@ share the model's work as evenly as Bytewax shares the Kafka partitions between 
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 import threading
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 _MASK = (1 << 64) - 1
@@ -22,6 +26,28 @@ def note_worker(index: int, count: int) -> None:
     """Record that the calling thread is worker `index` of `count` (a sink's `build`,
     which Bytewax calls on each worker's own thread before any item flows)."""
     _workers[threading.get_ident()] = (index, count)
+
+
+def workers_per_process(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> int:
+    """The worker threads per process that `python -m bytewax.run` was asked for (its
+    `-w` / `--workers-per-process` flag, else `BYTEWAX_WORKERS_PER_PROCESS`, else 1).
+    `argv` defaults to the command line when the process was started by `bytewax.run`."""
+    environ = os.environ if environ is None else environ
+    if argv is None:
+        main = getattr(sys.modules.get("__main__"), "__spec__", None)
+        argv = sys.argv[1:] if getattr(main, "name", None) == "bytewax.run" else []
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-w", "--workers-per-process", type=int)
+    known, _ = parser.parse_known_args(list(argv))
+    count = known.workers_per_process
+    if count is None:
+        try:
+            count = int(environ.get("BYTEWAX_WORKERS_PER_PROCESS", "1"))
+        except ValueError:
+            count = 1
+    return max(count, 1)
 
 
 def current_worker() -> tuple[int, int] | None:

@@ -3,9 +3,12 @@ once with detections, every bad one as a dead letter, and the flow never crashes
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import KafkaError as ConfluentKafkaError
@@ -15,7 +18,7 @@ from flows.settings import Settings
 from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.frames import DeadLetter, FrameBatch, FrameResult
-from operators.inference import Inferencer
+from operators.inference import Inferencer, cores, threads_per_worker
 from operators.scene import encode_jpeg, render_frame
 from tests.helpers import frame_headers
 
@@ -106,3 +109,29 @@ def test_a_failing_model_turns_its_batch_into_dead_letters(inferencer: Inference
     assert results == []
     assert sorted(d.offset for d in letters) == [0, 1, 2]
     assert {(d.stage, d.reason) for d in letters} == {("infer", dl.INTERNAL_ERROR)}
+
+
+def test_workers_share_the_cores_on_cpu() -> None:
+    assert threads_per_worker(1) == cores()
+    assert threads_per_worker(cores() + 1) == 1
+    assert threads_per_worker(2, setting=3) == 3
+
+
+def test_the_cpu_thread_setting_reaches_worker_threads_started_after_it() -> None:
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    seen: list[int] = []
+
+    def worker() -> None:
+        inferencer.forward(np.zeros((1, height, width, 3), np.uint8))
+        seen.append(torch.get_num_threads())
+
+    try:
+        inferencer = Inferencer.create(load_detector(), device="cpu", cpu_threads=wanted)
+        width, height = inferencer.detector.input_size
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [wanted]

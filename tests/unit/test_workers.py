@@ -11,7 +11,13 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import TestingSource, cluster_main
 
-from operators.workers import current_worker, local_key, note_worker, routed_worker
+from operators.workers import (
+    current_worker,
+    local_key,
+    note_worker,
+    routed_worker,
+    workers_per_process,
+)
 
 KEYS = [f"frames-{n}/{p}" for n in range(12) for p in range(4)]
 
@@ -66,3 +72,26 @@ def test_a_key_already_routed_there_is_kept() -> None:
         assert local_key(key, home, 2) == key
         moved = local_key(key, 1 - home, 2)
         assert moved.startswith(f"{key}#") and routed_worker(moved, 2) == 1 - home
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        (["flows.video", "-w", "3"], {}, 3),
+        (["flows.video", "--workers-per-process=4", "-s", "5"], {}, 4),
+        (["flows.video", "-w2"], {"BYTEWAX_WORKERS_PER_PROCESS": "5"}, 2),
+        (["flows.video"], {"BYTEWAX_WORKERS_PER_PROCESS": "5"}, 5),
+        (["flows.video"], {}, 1),
+        (["flows.video"], {"BYTEWAX_WORKERS_PER_PROCESS": "many"}, 1),
+    ],
+)
+def test_workers_per_process_follow_bytewax_run(
+    argv: list[str], environ: dict[str, str], expected: int
+) -> None:
+    assert workers_per_process(argv, environ) == expected
+
+
+def test_a_command_line_not_of_bytewax_run_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["pytest", "-w", "7"])
+    monkeypatch.delenv("BYTEWAX_WORKERS_PER_PROCESS", raising=False)
+    assert workers_per_process() == 1
