@@ -12,10 +12,11 @@ than `target_load` (with several worker threads running forward passes side by s
 the load is shared among them): the delay is then the time it needs to fill at the
 observed rate, capped so that waiting plus the forward pass stays within the SLO. When
 frames reach the batcher already older than half the SLO (a backlog), the batch takes
-the configured delay bound to fill from the waiting frames (and once frames are older
-than the SLO, or when no batch fits it, as with a heavy model, the size is bounded by
-throughput alone). Arrivals during a backlog do not count toward the arrival rate: they
-come as fast as they are read, not as the cameras send them.
+the configured delay bound to fill from the waiting frames, and is no smaller than the
+starting size (and once frames are older than the SLO, or when no batch fits it, as with
+a heavy model, the size is bounded by throughput alone). Arrivals during a backlog do not
+count toward the arrival rate: they come as fast as they are read, not as the cameras
+send them.
 
 Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
 the worker threads of a process.
@@ -239,7 +240,11 @@ class AdaptiveBatching:
             # When frames are already older than the SLO, or not even the smallest batch
             # fits it, the SLO is lost whatever the size: the size is then bounded by
             # throughput alone.
-            size = self._efficient_size(cap if fits and self._wait_s <= slo else b.max_size)
+            # Nor does a backlog drain in batches smaller than the starting size: the
+            # cost model knows the forward pass only, not the work each batch brings
+            # outside it (a step of the dataflow, the sink's transaction, a produce).
+            limit = cap if fits and self._wait_s <= slo else b.max_size
+            size = max(self._efficient_size(limit), min(b.start().max_size, limit))
             delay_s = b.max_delay_s if size > 1 else 0.0
         else:
             size = self._efficient_size(cap)

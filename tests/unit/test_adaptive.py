@@ -213,6 +213,19 @@ def test_batches_do_not_shrink_below_the_sizes_measured() -> None:
     assert controller.limits().max_size == 16
 
 
+def test_a_backlog_drains_in_batches_no_smaller_than_the_starting_size() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    # Passes of 1 to 4 frames that cost the same per frame: by the model a batch of one
+    # is as fast as any, but each batch also costs a dataflow step and a sink write.
+    for _ in range(8):
+        for size in (1, 2, 4):
+            controller.observe_inference(size, 0.002 * size, wait_s=0.001)
+    assert controller.limits().max_size == 1
+    for _ in range(10):
+        controller.observe_inference(1, 0.002, wait_s=0.15)  # frames 150 ms old: a backlog
+    assert controller.limits() == BatchLimits(16, 50_000_000)
+
+
 def test_a_model_slower_than_the_slo_still_drains_a_backlog_in_large_batches() -> None:
     controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
     for size in (1, 2):
