@@ -471,7 +471,7 @@ class Plan:
     loads: tuple[float, ...]
     distinct_frames: int
     repeats: int = 5
-    adaptive_rounds: int = 3
+    adaptive_rounds: int = 5
     """Rounds comparing adaptive batching with fixed settings, at saturation and at low load."""
     backlog_runs: tuple[int, ...] = (10_000, 100_000)
 
