@@ -4,11 +4,11 @@ Encoding spans to OTLP protobuf is the largest cost of tracing every frame (the 
 generic encoder builds every attribute anew: about 45 microseconds per span). Here
 finished spans become plain records (`span_record`), the stages of a frame one compact
 record (`tracing.expand`); they are piped in batches to a child Python process
-(`ExportProcess`), which expands the compact ones, and there `RecordEncoder` turns them
-into the same `ExportTraceServiceRequest` the SDK's encoder builds: ids, times and flags
-are written in protobuf's wire format, and the encoded attribute of every (key, value)
-pair seen before is reused (stages, jobs, cameras, topics: the values of a stream
-repeat). The OTLP exporters then send the request as usual.
+(`ExportProcess`), where `RecordEncoder` writes the request the SDK's encoder would build
+straight in protobuf's wire format: the spans of a compact record without building them
+first, and the encoded attributes that recur (stages, jobs, cameras, topics: the values of
+a stream repeat) reused. The OTLP exporters then send the serialised request as it is
+(`SerializedRequest`; for gRPC through `SerializedTraceStub`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ from struct import pack
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, SpanFlags
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PBSpan
-from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as PBStatus
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -46,16 +49,39 @@ from opentelemetry.trace import (
 )
 
 from operators.tracing import (
+    BATCH_ID,
+    BATCH_WAIT,
+    CAMERA,
     FLUSH_TIMEOUT_S,
+    FRAME_ID,
+    INFERENCE,
+    INFERRED,
+    INGEST,
+    JOB_ID,
+    MESSAGING_SYSTEM,
+    PREPARED,
+    PREPROCESS,
     SCOPE,
+    SCOPE_ATTR,
     SERVICE_VERSION,
+    SINK,
+    SPAN_NAMES,
+    STAGE,
+    WRITTEN,
+    Attributes,
+    Ctx,
     GuardedExporter,
+    Ids,
     SpanRecord,
+    bounded,
+    child_context,
     context_record,
     environment_exporter,
     expand,
     quiet_exporter_logs,
     readable_span,
+    sampled,
+    write_batch_span,
 )
 
 log = logging.getLogger(__name__)
@@ -112,9 +138,65 @@ def _value(value: Any) -> AnyValue:
     return AnyValue(string_value=str(value))
 
 
+_SPAN_ATTRIBUTE = 0x4A
+"""The tag of Span.attributes (field 9, length-delimited)."""
+_LINK_ATTRIBUTE = 0x22
+"""The tag of Span.Link.attributes (field 4, length-delimited)."""
+_INT64 = range(-(1 << 63), 1 << 63)
+_UNSET = PBSpan(status=PBStatus()).SerializeToString()
+_STEP, _SOURCE = "step", "source"
+"""Cache keys of attribute groups (attribute keys are never these)."""
+_SEQ = "streamsight.frame.seq"
+_OFFSET = "messaging.kafka.offset"
+_BODY_SIZE = "messaging.message.body.size"
+_WIDTH, _HEIGHT = "streamsight.frame.width", "streamsight.frame.height"
+_BATCH_SIZE = "streamsight.batch.size"
+_FLUSH_REASON = "streamsight.batch.flush_reason"
+_DETECTIONS = "streamsight.detections"
+_OUTCOME = "streamsight.sink.outcome"
+_DESTINATION = "destination"
+_U64 = (1 << 64) - 1
+
+
+def _any_value(value: Any) -> bytes | None:
+    """`value` (bool, str, int or float) as a serialised AnyValue; None for other types."""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        text = value.encode("utf-8", "replace")
+        return b"".join((b"\x0a", _varint(len(text)), text))
+    if isinstance(value, int):
+        if value in _INT64:
+            return b"\x18" + _varint(value & _U64)
+        return None
+    if isinstance(value, float):
+        return pack("<Bd", 0x21, value)
+    return None
+
+
+def _attribute_entry(tag: int, key: str, value: Any) -> bytes:
+    """The attribute `key` = `value` as an `attributes` entry under `tag` (of a Span or a
+    Span.Link), in protobuf's wire format; types other than bool, str, int and float
+    are written as their string, as protobuf serialises them."""
+    encoded = _any_value(value)
+    if encoded is None:
+        owner = PBSpan if tag == _SPAN_ATTRIBUTE else _LINK
+        return owner(attributes=[KeyValue(key=key, value=_value(value))]).SerializeToString()
+    name = key.encode("utf-8", "replace")
+    head = b"".join((b"\x0a", _varint(len(name)), name)) if name else b""
+    pair = b"".join((head, b"\x12", _varint(len(encoded)), encoded))
+    return b"".join((bytes((tag,)), _varint(len(pair)), pair))
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length and `payload`."""
+    return b"".join((_varint(number << 3 | 2), _varint(len(payload)), payload))
+
+
 class RecordEncoder:
-    """Encodes span records of one resource and scope into an OTLP request equal to the
-    SDK encoder's, keeping up to `max_cached` encoded attributes for reuse."""
+    """Encodes span records of one resource and scope into the serialised OTLP request
+    that the SDK's encoder builds, keeping up to `max_cached` encoded attributes (and
+    names and statuses) for reuse."""
 
     def __init__(
         self, resource: Resource, scope: InstrumentationScope, max_cached: int = 65_536
@@ -123,76 +205,236 @@ class RecordEncoder:
             "probe", SpanContext(1, 1, False), resource=resource, instrumentation_scope=scope
         )
         template = encode_spans([probe]).resource_spans[0]
-        self.resource = template.resource
-        self.resource_schema_url = template.schema_url
-        self.scope = template.scope_spans[0].scope
-        self.scope_schema_url = template.scope_spans[0].schema_url
+        scope_spans = template.scope_spans[0]
+        # Fields in the order protobuf writes them: a ResourceSpans is its resource (1),
+        # its ScopeSpans (2) and schema URL (3); a ScopeSpans its scope (1), spans (2)
+        # and schema URL (3).
+        self._resource_head = ResourceSpans(resource=template.resource).SerializeToString()
+        self._resource_tail = ResourceSpans(schema_url=template.schema_url).SerializeToString()
+        self._scope_head = ScopeSpans(scope=scope_spans.scope).SerializeToString()
+        self._scope_tail = ScopeSpans(schema_url=scope_spans.schema_url).SerializeToString()
         self.max_cached = max_cached
         self._cache: dict[tuple[Any, ...], bytes] = {}
+        self._process = self._attributes(
+            (_SOURCE, "process"),
+            lambda: {"messaging.operation.type": "process", "messaging.operation.name": "process"},
+        )
+        internal = SpanKind.INTERNAL.value
+        self._preprocess = self._head(SPAN_NAMES[PREPROCESS], internal)
+        self._wait = self._head(SPAN_NAMES[BATCH_WAIT], internal)
+        self._inference = self._head(SPAN_NAMES[INFERENCE], internal)
 
-    def _attribute(self, key: str, value: Any, owner: type = PBSpan) -> bytes:
-        """The attribute serialised as an `attributes` entry of `owner` (a Span or a
-        Span.Link: the field numbers differ)."""
-        cache_key = (key, value, type(value), owner)
+    def _attribute(self, key: str, value: Any, tag: int = _SPAN_ATTRIBUTE) -> bytes:
+        """The attribute as an `attributes` entry under `tag` (a Span's or a Link's)."""
+        cache_key = (key, value, type(value), tag)
         found = self._cache.get(cache_key)
         if found is None:
-            entry = owner(attributes=[KeyValue(key=key, value=_value(value))])
-            found = self._encoded(cache_key, entry)
+            found = _attribute_entry(tag, key, value)
+            self._keep(cache_key, found)
         return found
+
+    def _keep(self, cache_key: tuple[Any, ...], encoded: bytes) -> None:
+        if len(self._cache) >= self.max_cached:
+            self._cache.clear()
+        self._cache[cache_key] = encoded
 
     def _encoded(self, cache_key: tuple[Any, ...], message: Any) -> bytes:
         """`message` serialised, kept under `cache_key` for reuse."""
-        if len(self._cache) >= self.max_cached:
-            self._cache.clear()
         found: bytes = message.SerializeToString()
-        self._cache[cache_key] = found
+        self._keep(cache_key, found)
         return found
 
-    def _span(self, record: SpanRecord) -> bytes:
-        """`record` as a `spans` entry of ScopeSpans: tag, length and the Span message.
+    def _head(self, name: str, kind: int) -> bytes:
+        """A span's name and kind fields."""
+        key = (PBSpan, name, kind)
+        return self._cache.get(key) or self._encoded(key, PBSpan(name=name, kind=_KINDS[kind]))
 
-        Ids, times and flags (fixed-size fields) are written here in protobuf's wire
-        format; names, statuses and attributes are serialised by protobuf once and
-        reused."""
-        name, kind, start, end, context, parent, attributes, links, status = record
-        cache = self._cache
+    def _status(self, status: tuple[int, str | None]) -> bytes:
+        key = (PBStatus, *status)
+        return self._cache.get(key) or self._encoded(
+            key, PBSpan(status=PBStatus(code=status[0], message=status[1]))
+        )
+
+    def _entry(
+        self,
+        context: Ctx,
+        parent: Ctx | None,
+        head: bytes,
+        start: int,
+        end: int,
+        body: list[bytes],
+        status: bytes = _UNSET,
+    ) -> bytes:
+        """A span as a `spans` entry of ScopeSpans (tag, length, the Span message), from
+        its contexts, name and kind (`head`), times, attributes and links (`body`, encoded
+        entries) and status. Fields go in the order protobuf writes them."""
         trace_id = context[0]
         parts = [pack(">BBQQBBQ", 0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, context[1])]
         if context[3]:
             key = (PBSpan, "trace_state", context[3])
-            parts.append(cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3])))
+            parts.append(self._cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3])))
         if parent is not None:
             parts.append(pack(">BBQ", 0x22, 8, parent[1]))
-        key = (PBSpan, name, kind)
-        parts.append(cache.get(key) or self._encoded(key, PBSpan(name=name, kind=_KINDS[kind])))
-        parts.append(pack("<BQBQ", 0x39, start, 0x41, end))
-        attribute, get = self._attribute, cache.get
-        parts += [get((k, v, type(v), PBSpan)) or attribute(k, v) for k, v in attributes.items()]
-        for link, link_attributes in links:
-            body = [pack(">BBQQBBQ", 0x0A, 16, link[0] >> 64, link[0] & _LOW64, 0x12, 8, link[1])]
-            body += [attribute(k, v, _LINK) for k, v in link_attributes.items()]
-            body.append(pack("<BI", 0x35, _IS_REMOTE if link[4] else _HAS_REMOTE))
-            encoded = b"".join(body)
-            parts += [b"\x6a", _varint(len(encoded)), encoded]
-        key = (PBStatus, *status)
-        parts.append(
-            cache.get(key)
-            or self._encoded(key, PBSpan(status=PBStatus(code=status[0], message=status[1])))
-        )
+        parts += (head, pack("<BQBQ", 0x39, start, 0x41, end), *body, status)
         parts.append(_FLAGS_REMOTE if parent is not None and parent[4] else _FLAGS_LOCAL)
         span = b"".join(parts)
         return b"".join((b"\x12", _varint(len(span)), span))
 
+    def _span(self, record: SpanRecord) -> bytes:
+        """`record` as a `spans` entry of ScopeSpans. Names and statuses are serialised by
+        protobuf once and reused; the rest is written here in protobuf's wire format."""
+        name, kind, start, end, context, parent, attributes, links, status = record
+        attribute, get = self._attribute, self._cache.get
+        body = [
+            get((k, v, type(v), _SPAN_ATTRIBUTE)) or attribute(k, v) for k, v in attributes.items()
+        ]
+        for link, link_attributes in links:
+            body.append(self._link(link, link_attributes))
+        head = self._head(name, kind)
+        return self._entry(context, parent, head, start, end, body, self._status(status))
+
+    def _link(self, link: Ctx, attributes: Attributes) -> bytes:
+        """A link as a `links` entry of a Span."""
+        trace_id = link[0]
+        body = [pack(">BBQQBBQ", 0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, link[1])]
+        # A link's attributes name the frame or batch it links to: seldom seen again.
+        body += [_attribute_entry(_LINK_ATTRIBUTE, k, v) for k, v in attributes.items()]
+        body.append(pack("<BI", 0x35, _IS_REMOTE if link[4] else _HAS_REMOTE))
+        encoded = b"".join(body)
+        return b"".join((b"\x6a", _varint(len(encoded)), encoded))
+
+    def _attributes(self, key: tuple[Any, ...], attributes: Callable[[], Attributes]) -> bytes:
+        """Several attributes that recur together, encoded once under `key`."""
+        found = self._cache.get(key)
+        if found is None:
+            found = b"".join(
+                _attribute_entry(_SPAN_ATTRIBUTE, k, v) for k, v in attributes().items()
+            )
+            self._keep(key, found)
+        return found
+
+    def _step(self, stage: str, job: str, camera: str) -> bytes:
+        """The stage, scope, job and camera attributes that open a frame's span."""
+        return self._attributes(
+            (_STEP, stage, job, camera),
+            lambda: {
+                STAGE: stage,
+                SCOPE_ATTR: "frame",
+                JOB_ID: bounded(job),
+                CAMERA: bounded(camera),
+            },
+        )
+
+    def spans(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
+        """The `spans` entries of a record: a span record's, or the spans a compact record
+        expands to (`tracing.expand`), those of a frame's stages written directly here."""
+        kind = record[0]
+        if kind == PREPARED:
+            return self._prepared(record, ids)
+        if kind == INFERRED:
+            return self._inferred(record, ids)
+        if kind == WRITTEN:
+            return self._written(record, ids)
+        if type(kind) is int:
+            return [self._span(span) for span in expand(record, ids)]
+        return [self._span(record)]
+
+    def _prepared(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
+        """A frame's ingest and preprocess spans: as `tracing.expand` builds them."""
+        (_, ingest, parent, start, end, started, ended, topic, partition, offset, group, size,
+         job, camera, frame_id, seq, width, height) = record  # fmt: skip
+        attribute, get = self._attribute, self._cache.get
+        frame = attribute(FRAME_ID, bounded(frame_id))
+        body = [self._step(INGEST, job, camera), frame]
+        if seq is not None:
+            body.append(get((_SEQ, seq, type(seq), _SPAN_ATTRIBUTE)) or attribute(_SEQ, seq))
+        body.append(
+            self._attributes(
+                (_SOURCE, topic, partition),
+                lambda: {
+                    "messaging.system": MESSAGING_SYSTEM,
+                    "messaging.destination.name": bounded(topic),
+                    "messaging.destination.partition.id": str(partition),
+                },
+            )
+        )
+        body.append(_attribute_entry(_SPAN_ATTRIBUTE, _OFFSET, offset))
+        if group:
+            body.append(attribute("messaging.consumer.group.name", bounded(group)))
+        body += (attribute(_BODY_SIZE, size), self._process)
+        consumer = self._head(f"process {topic}", SpanKind.CONSUMER.value)
+        preprocess = child_context(ingest, ids.generate_span_id())
+        step = [self._step(PREPROCESS, job, camera), frame]
+        step += (attribute(_WIDTH, width), attribute(_HEIGHT, height))
+        return [
+            self._entry(ingest, parent, consumer, min(start, end), end, body),
+            self._entry(preprocess, ingest, self._preprocess, min(started, ended), ended, step),
+        ]
+
+    def _inferred(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
+        """Each frame's batch wait and inference spans: as `tracing.expand` builds them."""
+        _, batch, dispatched, batch_id, size, reason, frames = record
+        attribute = self._attribute
+        batch_attributes = attribute(BATCH_ID, batch_id)
+        waited = b"".join(
+            (batch_attributes, attribute(_BATCH_SIZE, size), attribute(_FLUSH_REASON, reason))
+        )
+        link = self._link(batch, {BATCH_ID: batch_id})
+        entry, step = self._entry, self._step
+        spans: list[bytes] = []
+        for parent, prepared, inferred, job, camera, frame_id, detections in frames:
+            frame = attribute(FRAME_ID, bounded(frame_id))
+            wait = child_context(parent, ids.generate_span_id())
+            done = child_context(parent, ids.generate_span_id())
+            found = attribute(_DETECTIONS, detections)
+            spans += (
+                entry(wait, parent, self._wait, min(prepared, dispatched), dispatched,
+                      [step(BATCH_WAIT, job, camera), frame, waited]),
+                entry(done, parent, self._inference, min(dispatched, inferred), inferred,
+                      [step(INFERENCE, job, camera), frame, batch_attributes, found, link]),
+            )  # fmt: skip
+        return spans
+
+    def _written(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
+        """A sink batch's write spans and its `sink write batch` span: as `tracing.expand`
+        builds them. Batches with dead letters (whose writes carry attributes of their
+        own) or a failure go through `tracing.expand`."""
+        _, started, ended, destination, failure, writes = record
+        if failure is not None or any(w[8] is not None or w[9] is not None for w in writes):
+            return [self._span(span) for span in expand(record, ids)]
+        started = min(started, ended)
+        attribute, step, entry = self._attribute, self._step, self._entry
+        to = self._attributes((_DESTINATION, *destination.items()), lambda: destination)
+        head = self._head(SPAN_NAMES[SINK], SpanKind.PRODUCER.value)
+        spans: list[bytes] = []
+        for ctx, parent, job, camera, frame_id, batch_id, detections, outcome, _, _ in writes:
+            if sampled(ctx):
+                body = [step(SINK, job, camera), attribute(FRAME_ID, bounded(frame_id))]
+                body += (attribute(BATCH_ID, batch_id), attribute(_DETECTIONS, detections))
+                body += (attribute(_OUTCOME, outcome), to)
+                spans.append(entry(ctx, parent, head, started, ended, body))
+        batch = write_batch_span(started, ended, destination, None, writes, ids)
+        if batch is not None:
+            spans.append(self._span(batch))
+        return spans
+
+    def encode(self, records: Sequence[SpanRecord]) -> bytes:
+        """The serialised OTLP request that carries `records` (empty for none)."""
+        return self.request_of([self._span(record) for record in records])
+
+    def request_of(self, spans: Sequence[bytes]) -> bytes:
+        """The serialised OTLP request that carries `spans` entries (empty for none)."""
+        if not spans:
+            return b""
+        scope_spans = b"".join((self._scope_head, *spans, self._scope_tail))
+        resource_spans = b"".join(
+            (self._resource_head, _field(2, scope_spans), self._resource_tail)
+        )
+        return _field(1, resource_spans)
+
     def request(self, records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
-        """The OTLP request that carries `records`."""
-        request = ExportTraceServiceRequest()
-        resource_spans = request.resource_spans.add(schema_url=self.resource_schema_url)
-        resource_spans.resource.CopyFrom(self.resource)
-        scope_spans = resource_spans.scope_spans.add(schema_url=self.scope_schema_url)
-        scope_spans.scope.CopyFrom(self.scope)
-        span = self._span
-        scope_spans.MergeFromString(b"".join([span(record) for record in records]))
-        return request
+        """The OTLP request that carries `records`, as a message."""
+        return ExportTraceServiceRequest.FromString(self.encode(records))
 
 
 def _varint(value: int) -> bytes:
@@ -207,11 +449,28 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-class EncodedSpans(Sequence[Any]):
-    """An OTLP request already encoded, passed where an exporter expects spans: its length
-    is the number of spans; the OTLP exporters of the export process send it as it is."""
+class SerializedRequest:
+    """An OTLP request already serialised, where an exporter expects the request message:
+    the OTLP HTTP exporter and `SerializedTraceStub` only ask it for its bytes."""
 
-    def __init__(self, request: ExportTraceServiceRequest, count: int) -> None:
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def SerializeToString(self, **_: Any) -> bytes:
+        """The request's bytes."""
+        return self.payload
+
+    SerializePartialToString = SerializeToString
+
+
+class EncodedSpans(Sequence[Any]):
+    """An OTLP request already encoded (a message or a `SerializedRequest`), passed where
+    an exporter expects spans: its length is the number of spans; the OTLP exporters of
+    the export process send it as it is."""
+
+    def __init__(self, request: ExportTraceServiceRequest | SerializedRequest, count: int) -> None:
         self.request = request
         self.count = count
 
@@ -232,10 +491,10 @@ def _encoded_or_sdk(encode: Callable[[Sequence[Any]], Any]) -> Callable[[Sequenc
     return encode_or_pass
 
 
-OTLP_TRACE_MODULES = (
-    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-)
+GRPC_TRACE_MODULE = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
+HTTP_TRACE_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+OTLP_TRACE_MODULES = (GRPC_TRACE_MODULE, HTTP_TRACE_MODULE)
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 def accept_encoded_spans(exporter: object) -> bool:
@@ -256,12 +515,52 @@ def accept_encoded_spans(exporter: object) -> bool:
     return True
 
 
+def _serialized(request: Any) -> bytes:
+    data: bytes = request.SerializeToString()
+    return data
+
+
+class SerializedTraceStub:
+    """The OTLP trace service's client stub, whose serialiser also takes a
+    `SerializedRequest` (the generated stub's takes request messages only)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.Export = channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=_serialized,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
+
+
+def sends_serialized(exporter: object) -> bool:
+    """Whether `exporter` (one that `accept_encoded_spans`) can be handed a
+    `SerializedRequest`: one that says so (`accepts_serialized`), the OTLP HTTP exporter
+    (which only serialises the request), or the OTLP gRPC exporter once its stub is a
+    `SerializedTraceStub` (done here, where its channel and stub are where this version of
+    the exporter keeps them). Otherwise the export process parses each request into a
+    message for it."""
+    if getattr(exporter, "accepts_serialized", False):
+        return True
+    module = type(exporter).__module__
+    if module == HTTP_TRACE_MODULE:
+        return True
+    if module != GRPC_TRACE_MODULE:
+        return False
+    channel = getattr(exporter, "_channel", None)
+    if channel is None or not hasattr(exporter, "_stub") or not hasattr(exporter, "_client"):
+        return False
+    exporter._stub = SerializedTraceStub  # type: ignore[attr-defined]  # on reconnection too
+    exporter._client = SerializedTraceStub(channel)  # type: ignore[attr-defined]
+    return True
+
+
 class EncodingExporter(SpanExporter):
     """Serialises spans to an OTLP request as the OTLP exporters of the export process
     do, then discards the bytes: the CPU cost of exporting without a collector (for
     benchmarks: `setup_tracing(make_exporter=EncodingExporter)`)."""
 
     accepts_encoded = True
+    accepts_serialized = True
 
     def __init__(self) -> None:
         self.spans = 0
@@ -299,6 +598,7 @@ def export_main() -> None:
     encoder: RecordEncoder | None = None
     if accept_encoded_spans(exporter.inner):
         encoder = RecordEncoder(resource, scope)
+    serialized = encoder is not None and sends_serialized(exporter.inner)
     ids = RandomIdGenerator()
     report = os.fdopen(int(sys.argv[1]), "w")
     report.write(READY + "\n")  # the exporter is built: spans can flow
@@ -309,19 +609,29 @@ def export_main() -> None:
             batch = pickle.load(source)
         except (EOFError, pickle.UnpicklingError):
             break
-        records: list[SpanRecord] = []
-        for record in batch:
-            if type(record[0]) is int:  # a compact record of several spans
-                records += expand(record, ids)
-            else:
-                records.append(record)
-        received += len(records)
-        for start in range(0, len(records), EXPORT_BATCH):
-            chunk = records[start : start + EXPORT_BATCH]
-            if encoder is not None:
-                exporter.export(EncodedSpans(encoder.request(chunk), len(chunk)))
-            else:
+        if encoder is None:
+            records: list[SpanRecord] = []
+            for record in batch:
+                is_compact = type(record[0]) is int  # a compact record of several spans
+                records += expand(record, ids) if is_compact else [record]
+            received += len(records)
+            for start in range(0, len(records), EXPORT_BATCH):
+                chunk = records[start : start + EXPORT_BATCH]
                 exporter.export([readable_span(r, resource, scope) for r in chunk])
+            continue
+        spans: list[bytes] = []
+        for record in batch:
+            spans += encoder.spans(record, ids)
+        received += len(spans)
+        for start in range(0, len(spans), EXPORT_BATCH):
+            chunk = spans[start : start + EXPORT_BATCH]
+            payload = encoder.request_of(chunk)
+            request = (
+                SerializedRequest(payload)
+                if serialized
+                else ExportTraceServiceRequest.FromString(payload)
+            )
+            exporter.export(EncodedSpans(request, len(chunk)))
     exporter.shutdown()
     stats = {"received": received, "exported": exporter.exported, "failures": exporter.failures}
     with suppress(OSError), report:  # a parent gone without reading it is no error

@@ -648,13 +648,15 @@ error or None, the attributes of a dead letter's write or None): each write's si
 span and the `sink write batch` span linked to them."""
 
 
-class _Ids(Protocol):
+class Ids(Protocol):
+    """Makes span and trace ids (the SDK's id generators are)."""
+
     def generate_span_id(self) -> int: ...
 
     def generate_trace_id(self) -> int: ...
 
 
-def expand(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+def expand(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
     """The spans of a compact record; `ids` makes the span ids it leaves out."""
     if record[0] == PREPARED:
         return _prepared_spans(record, ids)
@@ -665,7 +667,7 @@ def expand(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
     raise ValueError(f"unknown compact span record {record[0]!r}")
 
 
-def _prepared_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+def _prepared_spans(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
     (_, ingest, parent, start, end, started, ended, topic, partition, offset, group, size,
      job, camera, frame_id, seq, width, height) = record  # fmt: skip
     attributes = _frame_step(INGEST, job, camera, frame_id)
@@ -685,7 +687,7 @@ def _prepared_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
     ]  # fmt: skip
 
 
-def _inferred_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+def _inferred_spans(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
     _, batch, dispatched, batch_id, size, reason, frames = record
     link: list[SpanLink] = [(batch, {BATCH_ID: batch_id})]
     internal = SpanKind.INTERNAL.value
@@ -707,20 +709,13 @@ def _inferred_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
     return spans
 
 
-def _written_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
+def _written_spans(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
     _, started, ended, destination, failure, writes = record
     started = min(started, ended)
     producer = SpanKind.PRODUCER.value
     failed: Error | None = ("sink_error", failure) if failure is not None else None
     spans: list[SpanRecord] = []
-    links: list[SpanLink] = []
-    jobs: list[str] = []
-    cameras: list[str] = []
     for ctx, parent, job, camera, frame_id, batch_id, detections, outcome, error, extra in writes:
-        jobs.append(job)
-        cameras.append(bounded(camera))
-        if parent is not None:
-            links.append((parent, {FRAME_ID: bounded(frame_id) if frame_id else ""}))
         if not sampled(ctx):
             continue
         if extra is None:
@@ -737,21 +732,45 @@ def _written_spans(record: tuple[Any, ...], ids: _Ids) -> list[SpanRecord]:
         spans.append(
             (SPAN_NAMES[SINK], producer, started, ended, ctx, parent, attributes, (), status)
         )
-    if any(sampled(link) for link, _ in links):
-        attributes = {
-            STAGE: SINK,
-            SCOPE_ATTR: "batch",
-            JOB_ID: joined(jobs),
-            CAMERA: joined(cameras),
-            "messaging.batch.message_count": len(writes),
-            **destination,
-        }
-        trace_id, span_id = ids.generate_trace_id(), ids.generate_span_id()
-        context = (trace_id, span_id, int(TraceFlags.SAMPLED), "", False)
-        status = _status(attributes, failed)
-        batch = (SINK_BATCH_SPAN, producer, started, ended, context, None, attributes, links)
-        spans.append((*batch, status))
+    batch = write_batch_span(started, ended, destination, failed, writes, ids)
+    if batch is not None:
+        spans.append(batch)
     return spans
+
+
+def write_batch_span(
+    started: int,
+    ended: int,
+    destination: Attributes,
+    failed: Error | None,
+    writes: Sequence[tuple[Any, ...]],
+    ids: Ids,
+) -> SpanRecord | None:
+    """The `sink write batch` span of a WRITTEN record's `writes`, linked to each
+    frame's span before the sink; None when none of those is sampled."""
+    links: list[SpanLink] = []
+    jobs: list[str] = []
+    cameras: list[str] = []
+    for _, parent, job, camera, frame_id, *_ in writes:
+        jobs.append(job)
+        cameras.append(bounded(camera))
+        if parent is not None:
+            links.append((parent, {FRAME_ID: bounded(frame_id) if frame_id else ""}))
+    if not any(sampled(link) for link, _ in links):
+        return None
+    attributes = {
+        STAGE: SINK,
+        SCOPE_ATTR: "batch",
+        JOB_ID: joined(jobs),
+        CAMERA: joined(cameras),
+        "messaging.batch.message_count": len(writes),
+        **destination,
+    }
+    trace_id, span_id = ids.generate_trace_id(), ids.generate_span_id()
+    context = (trace_id, span_id, int(TraceFlags.SAMPLED), "", False)
+    status = _status(attributes, failed)
+    return (SINK_BATCH_SPAN, SpanKind.PRODUCER.value, started, ended, context, None, attributes,
+            links, status)  # fmt: skip
 
 
 # Context and attributes -------------------------------------------------------------------

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from flows.camera import OutgoingFrame
 from operators import dead_letters as dl
@@ -26,11 +28,16 @@ from operators.span_export import (
     EncodingExporter,
     ExportProcess,
     RecordEncoder,
+    SerializedTraceStub,
     accept_encoded_spans,
     readable_span,
+    sends_serialized,
     span_record,
 )
 from operators.tracing import (
+    INFERRED,
+    PREPARED,
+    WRITTEN,
     SpanRecorder,
     Tracing,
     expand,
@@ -41,6 +48,7 @@ from operators.tracing import (
     traced_prepare,
     write_tracer,
 )
+from tests.fixtures.otlp import OtlpServer
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +58,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def trace_frames(tracing: Tracing, frames: int = 6) -> None:
+def trace_frames(tracing: Tracing, frames: int = 6) -> list[FrameResult]:
     """Send, ingest, preprocess, batch, infer and write `frames` frames (the last one a
-    dead letter) through the tracing wrappers."""
+    dead letter) through the tracing wrappers; the results."""
     send = send_tracer(tracing, "frames", "job-1")
     assert send is not None
     now_ms = time.time() * 1000
@@ -90,6 +98,7 @@ def trace_frames(tracing: Tracing, frames: int = 6) -> None:
     assert writes is not None
     with writes([*results, *(o for o in outs if not isinstance(o, PreparedFrame))]):
         pass
+    return results
 
 
 def test_records_encode_to_the_sdk_encoders_request() -> None:
@@ -108,11 +117,8 @@ def test_records_encode_to_the_sdk_encoders_request() -> None:
     encoder = RecordEncoder(resource, scope)
     expected = encode_spans(spans)
     for _ in range(2):  # the second time from the cache
-        encoded = encoder.request(records)
-        assert encoded == expected
-        assert encoded.SerializeToString(deterministic=True) == expected.SerializeToString(
-            deterministic=True
-        )
+        assert encoder.encode(records) == expected.SerializeToString(deterministic=True)
+        assert encoder.request(records) == expected
     rebuilt: list[ReadableSpan] = [readable_span(r, resource, scope) for r in records]
     assert encode_spans(rebuilt) == expected
 
@@ -197,6 +203,80 @@ def test_only_otlp_exporters_and_those_that_say_so_get_encoded_requests() -> Non
     assert accept_encoded_spans(http.OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces"))
     request = ExportTraceServiceRequest()
     assert http.encode_spans(EncodedSpans(request, 0)) is request
+
+
+class CountingIds:
+    """Span and trace ids in sequence: two of these make the same ids."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def generate_span_id(self) -> int:
+        self.last += 1
+        return self.last
+
+    def generate_trace_id(self) -> int:
+        self.last += 1
+        return self.last << 64 | 0xABC
+
+
+def test_compact_records_encode_as_the_spans_they_expand_to() -> None:
+    provider = TracerProvider(sampler=parent_based_sampler(), shutdown_on_exit=False)
+    piped = PipedRecords()
+    recorder = SpanRecorder(provider, piped)  # type: ignore[arg-type]
+    tracing = Tracing(True, provider.get_tracer("test"), provider, recorder=recorder)
+    tracing.consumer_group = "detectors"
+    results = trace_frames(tracing, frames=12)  # its write batch has a dead letter
+    writes = write_tracer(tracing, topic="detections", store="sqlite")
+    assert writes is not None
+    with writes(results[:5]) as batch:  # results only, one of them already stored
+        batch.skipped(results[0])
+    with pytest.raises(RuntimeError), writes(results[5:]):  # a failed write batch
+        raise RuntimeError("store down")
+    seen = Counter(r[0] if isinstance(r[0], int) else "span" for r in piped.records)
+    assert seen == {"span": 15, PREPARED: 11, INFERRED: 1, WRITTEN: 3}
+
+    resource = Resource({"service.name": "test"})
+    encoder = RecordEncoder(resource, InstrumentationScope("test"))
+    direct, expanded = CountingIds(), CountingIds()
+    for record in [*piped.records, *piped.records]:  # the second time from the cache
+        spans = expand(record, expanded) if isinstance(record[0], int) else [record]
+        assert encoder.request_of(encoder.spans(record, direct)) == encoder.encode(spans)
+    assert direct.last == expanded.last > 0
+
+
+def test_otlp_exporters_are_handed_serialised_requests() -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.http import trace_exporter as http
+
+    grpc_exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9", insecure=True)
+    assert sends_serialized(grpc_exporter)
+    assert isinstance(grpc_exporter._client, SerializedTraceStub)
+    assert sends_serialized(http.OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces"))
+    assert sends_serialized(EncodingExporter())
+    assert not sends_serialized(InMemorySpanExporter())
+    grpc_exporter.shutdown()
+
+
+def test_the_export_process_sends_over_grpc(
+    otlp_receiver: OtlpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    tracing = setup_tracing(flush_at_exit=False)
+    assert isinstance(tracing.processor, ExportProcess)
+    assert tracing.wait_ready(timeout_s=30)
+    trace_frames(tracing, frames=40)
+    tracing.flush()
+    assert tracing.processor.stats == {"received": 240, "exported": 240, "failures": 0}
+    spans = otlp_receiver.receiver.wait_for(240)
+    assert len(spans) == 240
+    names = Counter(span.name for span in spans)
+    assert names["preprocess"] == names["sink write"] == 40  # the dead letter's too
+    assert names["inference"] == 39
+    frame_ids = {span.attributes.get("streamsight.frame.id") for span in spans}
+    assert "job-1/cam-0/38" in frame_ids
 
 
 def test_a_failed_export_process_is_never_ready() -> None:
