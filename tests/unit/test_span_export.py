@@ -5,9 +5,11 @@ all of them, at an exporter running in the child process."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -277,6 +279,49 @@ def test_the_export_process_sends_over_grpc(
     assert names["inference"] == 39
     frame_ids = {span.attributes.get("streamsight.frame.id") for span in spans}
     assert "job-1/cam-0/38" in frame_ids
+
+
+class _OtlpHttpHandler(BaseHTTPRequestHandler):
+    """Receives OTLP/HTTP trace requests and keeps them decoded."""
+
+    requests: ClassVar[list[ExportTraceServiceRequest]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.requests.append(ExportTraceServiceRequest.FromString(body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+        self.wfile.write(b"")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_export_process_sends_over_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpHttpHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        tracing = setup_tracing(flush_at_exit=False)
+        assert isinstance(tracing.processor, ExportProcess)
+        assert tracing.wait_ready(timeout_s=30)
+        trace_frames(tracing, frames=40)
+        tracing.flush()
+        assert tracing.processor.stats == {"received": 240, "exported": 240, "failures": 0}
+    finally:
+        server.shutdown()
+    spans = [
+        span
+        for request in _OtlpHttpHandler.requests
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
+    assert len(spans) == 240
+    assert Counter(span.name for span in spans)["batch wait"] == 39
 
 
 def test_a_failed_export_process_is_never_ready() -> None:
