@@ -183,18 +183,25 @@ def test_a_frame_is_piped_as_one_record_per_stage_that_expands_to_its_spans() ->
     assert Counter(_described(s[0], s[1], s[6], s[8][0]) for s in spans) == expected
 
 
-def test_the_export_process_exports_every_span() -> None:
-    tracing = setup_tracing(make_exporter=EncodingExporter, flush_at_exit=False)
+def export_40_frames(make_exporter: Any = None) -> Tracing:
+    """Trace 40 frames through an export process (its exporter from `make_exporter`, else
+    from the environment) and check that it exported all their spans: 40 sends, 40
+    ingests, 40 preprocess, 39 x (wait, inference, sink write), 1 dead letter's sink
+    write, the inference batch and the sink write batch."""
+    tracing = setup_tracing(make_exporter=make_exporter, flush_at_exit=False)
     assert isinstance(tracing.processor, ExportProcess)
-    child = tracing.processor.process
     assert tracing.wait_ready(timeout_s=30)
     trace_frames(tracing, frames=40)
     tracing.flush()
-    # 40 sends, 40 ingests, 40 preprocess, 39 x (wait, inference, sink write), 1 dead
-    # letter's sink write, the inference batch and the sink write batch.
     assert tracing.processor.stats == {"received": 240, "exported": 240, "failures": 0}
+    return tracing
+
+
+def test_the_export_process_exports_every_span() -> None:
+    tracing = export_40_frames(EncodingExporter)
     assert tracing.exported() == 240
-    assert child.poll() == 0
+    assert isinstance(tracing.processor, ExportProcess)
+    assert tracing.processor.process.poll() == 0
 
 
 def test_only_otlp_exporters_and_those_that_say_so_get_encoded_requests() -> None:
@@ -266,12 +273,7 @@ def test_the_export_process_sends_over_grpc(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
-    tracing = setup_tracing(flush_at_exit=False)
-    assert isinstance(tracing.processor, ExportProcess)
-    assert tracing.wait_ready(timeout_s=30)
-    trace_frames(tracing, frames=40)
-    tracing.flush()
-    assert tracing.processor.stats == {"received": 240, "exported": 240, "failures": 0}
+    export_40_frames()
     spans = otlp_receiver.receiver.wait_for(240)
     assert len(spans) == 240
     names = Counter(span.name for span in spans)
@@ -305,12 +307,7 @@ def test_the_export_process_sends_over_http(monkeypatch: pytest.MonkeyPatch) -> 
         endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        tracing = setup_tracing(flush_at_exit=False)
-        assert isinstance(tracing.processor, ExportProcess)
-        assert tracing.wait_ready(timeout_s=30)
-        trace_frames(tracing, frames=40)
-        tracing.flush()
-        assert tracing.processor.stats == {"received": 240, "exported": 240, "failures": 0}
+        export_40_frames()
     finally:
         server.shutdown()
     spans = [
