@@ -52,6 +52,7 @@ from operators.metrics import PipelineMetrics
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.span_export import EncodingExporter
 from operators.tracing import Tracing, setup_tracing, write_tracer
+from operators.workers import freeze_startup_heap
 
 TARGETS = {
     "pipeline_over_ceiling": 0.85,
@@ -554,6 +555,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="streamsight-bench-") as tmp:
         bench = Bench(Path(tmp), plan.distinct_frames, model_scale, workers)
+        freeze_startup_heap()  # as `flows.video` does once it is built
         try:
             return _measure(bench, plan, out, console)
         finally:

@@ -27,7 +27,7 @@ from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import StoreError, open_store
 from operators.tally import Tally
 from operators.tracing import setup_tracing, write_tracer
-from operators.workers import workers_per_process
+from operators.workers import freeze_startup_heap, workers_per_process
 
 log = logging.getLogger("flows.video")
 T = TypeVar("T")
@@ -160,6 +160,9 @@ flow = build_flow(
         "streamsight.device": inferencer.device_name,
     },
 )
+
+# Start-up is done: its objects stay out of the full garbage collections from here on.
+freeze_startup_heap()
 
 if demo is not None:
     demo.start()

@@ -3,6 +3,8 @@ against real Bytewax dataflows."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import bytewax.operators as op
@@ -13,6 +15,7 @@ from bytewax.testing import TestingSource, cluster_main
 
 from operators.workers import (
     current_worker,
+    freeze_startup_heap,
     local_key,
     note_worker,
     routed_worker,
@@ -95,3 +98,27 @@ def test_a_command_line_not_of_bytewax_run_is_not_read(monkeypatch: pytest.Monke
     monkeypatch.setattr("sys.argv", ["pytest", "-w", "7"])
     monkeypatch.delenv("BYTEWAX_WORKERS_PER_PROCESS", raising=False)
     assert workers_per_process() == 1
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: object = self
+
+
+def test_freezing_the_start_up_heap_collects_first_then_hides_what_is_alive() -> None:
+    enabled = gc.isenabled()
+    gc.disable()  # no automatic collection frees the cycle before the freeze does
+    try:
+        cycle = _Node()  # garbage that only the collector frees
+        gone = weakref.ref(cycle)
+        del cycle
+        kept = [{"frame": i} for i in range(10_000)]
+        tracked = len(gc.get_objects())
+        frozen = freeze_startup_heap()
+        assert gone() is None  # collected, not frozen for good
+        assert frozen == gc.get_freeze_count() >= len(kept)
+        assert len(gc.get_objects()) < tracked - len(kept)  # out of the collector's walk
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
