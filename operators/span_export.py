@@ -188,6 +188,12 @@ def _attribute_entry(tag: int, key: str, value: Any) -> bytes:
     return b"".join((bytes((tag,)), _varint(len(pair)), pair))
 
 
+def _ids(context: Ctx) -> bytes:
+    """The trace id and span id fields (1 and 2) of a Span or a Span.Link."""
+    trace_id = context[0]
+    return pack(">BBQQBBQ", 0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, context[1])
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field: tag, length and `payload`."""
     return b"".join((_varint(number << 3 | 2), _varint(len(payload)), payload))
@@ -268,8 +274,7 @@ class RecordEncoder:
         """A span as a `spans` entry of ScopeSpans (tag, length, the Span message), from
         its contexts, name and kind (`head`), times, attributes and links (`body`, encoded
         entries) and status. Fields go in the order protobuf writes them."""
-        trace_id = context[0]
-        parts = [pack(">BBQQBBQ", 0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, context[1])]
+        parts = [_ids(context)]
         if context[3]:
             key = (PBSpan, "trace_state", context[3])
             parts.append(self._cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3])))
@@ -295,8 +300,7 @@ class RecordEncoder:
 
     def _link(self, link: Ctx, attributes: Attributes) -> bytes:
         """A link as a `links` entry of a Span."""
-        trace_id = link[0]
-        body = [pack(">BBQQBBQ", 0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, link[1])]
+        body = [_ids(link)]
         # A link's attributes name the frame or batch it links to: seldom seen again.
         body += [_attribute_entry(_LINK_ATTRIBUTE, k, v) for k, v in attributes.items()]
         body.append(pack("<BI", 0x35, _IS_REMOTE if link[4] else _HAS_REMOTE))
@@ -343,11 +347,11 @@ class RecordEncoder:
         """A frame's ingest and preprocess spans: as `tracing.expand` builds them."""
         (_, ingest, parent, start, end, started, ended, topic, partition, offset, group, size,
          job, camera, frame_id, seq, width, height) = record  # fmt: skip
-        attribute, get = self._attribute, self._cache.get
+        attribute = self._attribute
         frame = attribute(FRAME_ID, bounded(frame_id))
         body = [self._step(INGEST, job, camera), frame]
-        if seq is not None:
-            body.append(get((_SEQ, seq, type(seq), _SPAN_ATTRIBUTE)) or attribute(_SEQ, seq))
+        if seq is not None:  # one per frame, like the offset: not worth keeping
+            body.append(_attribute_entry(_SPAN_ATTRIBUTE, _SEQ, seq))
         body.append(
             self._attributes(
                 (_SOURCE, topic, partition),

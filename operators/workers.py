@@ -30,9 +30,9 @@ def freeze_startup_heap() -> int:
     what start-up built and keeps) out of the collector's view; how many were frozen.
 
     A full collection walks every tracked object with the interpreter lock held: after
-    the imports of torch, Bytewax and OpenTelemetry that is over 200,000 objects and
-    about 150 ms on a 2-core machine, every few seconds to minutes of streaming, during
-    which no worker runs Python. With them frozen it takes a few milliseconds. Objects
+    the imports of torch, Bytewax and OpenTelemetry that is over 200,000 objects and 100
+    to 150 ms on a 2-core machine, during which no worker runs Python. With them frozen
+    it takes a few milliseconds. Objects
     made later are collected as usual; frozen ones are never freed (call this once,
     when start-up is done)."""
     gc.collect()

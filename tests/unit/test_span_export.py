@@ -301,6 +301,7 @@ class _OtlpHttpHandler(BaseHTTPRequestHandler):
 
 
 def test_the_export_process_sends_over_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    _OtlpHttpHandler.requests.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpHttpHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
