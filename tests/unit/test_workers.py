@@ -112,11 +112,13 @@ def test_freezing_the_start_up_heap_collects_first_then_hides_what_is_alive() ->
         cycle = _Node()  # garbage that only the collector frees
         gone = weakref.ref(cycle)
         del cycle
-        kept = [{"frame": i} for i in range(10_000)]
+        kept = [[i] for i in range(10_000)]  # lists: always tracked
         tracked = len(gc.get_objects())
         frozen = freeze_startup_heap()
         assert gone() is None  # collected, not frozen for good
-        assert frozen == gc.get_freeze_count() >= len(kept)
+        # frozen objects can still be freed (another test's thread letting one go), never
+        # added to: the count only falls after the freeze
+        assert frozen >= gc.get_freeze_count() >= len(kept)
         assert len(gc.get_objects()) < tracked - len(kept)  # out of the collector's walk
     finally:
         gc.unfreeze()
