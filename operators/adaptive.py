@@ -10,13 +10,16 @@ load grows, the frames that arrived during the last pass, so batches follow load
 their own. A batch waits to fill only when even full batches would keep the model busier
 than `target_load` (with several worker threads running forward passes side by side,
 the load is shared among them): the delay is then the time it needs to fill at the
-observed rate, capped so that waiting plus the forward pass stays within the SLO. When
-frames reach the batcher already older than half the SLO (a backlog), the batch takes
-the configured delay bound to fill from the waiting frames, and is no smaller than the
-starting size (and once frames are older than the SLO, or when no batch fits it, as with
-a heavy model, the size is bounded by throughput alone). Arrivals during a backlog do not
-count toward the arrival rate: they come as fast as they are read, not as the cameras
-send them.
+observed rate, capped so that waiting plus the forward pass stays within the SLO.
+
+When frames pile up before the batcher (a backlog: they reach it more than half the SLO
+older than the youngest of the recent passes' frames), the batch takes the configured
+delay bound to fill from the waiting frames, and is no smaller than the starting size.
+Once frames are older than the SLO, or when no batch fits it (a heavy model), the SLO is
+lost whatever the size: the largest batch then drains the backlog fastest. The age that
+frames always have there (their trip from the camera, a busy worker's queue at high
+load) is no backlog. Arrivals during a backlog do not count toward the arrival rate:
+they come as fast as they are read, not as the cameras send them.
 
 Pure logic driven by explicit clock readings (integer nanoseconds), safe to share between
 the worker threads of a process.
@@ -40,6 +43,10 @@ OUTLIER_FACTOR = 3.0
 EFFICIENCY = 0.97
 """Batches grow only while they still gain more than this share of the largest allowed
 batch's frames per second."""
+BACKLOG_EFFICIENCY = 1.0
+"""The same share for draining a backlog of frames older than the SLO: the largest
+allowed batch (each batch also costs a dataflow step and a sink transaction, which the
+model of the forward pass leaves out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,7 @@ class AdaptiveBatching:
         self._wait_s = 0.0
         self._workers: deque[Hashable] = deque(maxlen=RECENT_PASSES)
         self._recent_sizes: deque[int] = deque(maxlen=RECENT_SIZES)
+        self._recent_waits: deque[float] = deque(maxlen=RECENT_PASSES)
         self._limits = bounds.start()
 
     # Observations ---------------------------------------------------------------------
@@ -110,7 +118,7 @@ class AdaptiveBatching:
         """`frames` frames of stream `key` reached the batcher at `now_ns`."""
         with self._lock:
             self._keys[key] = now_ns
-            if self._wait_s > self.bounds.latency_slo_s / 2:
+            if self._backlog():
                 # A backlog: frames arrive as fast as they are read, not as they are sent
                 # (a burst that waited for the flow's start-up reads as thousands per
                 # second). The rate is measured afresh once the backlog has drained.
@@ -153,6 +161,7 @@ class AdaptiveBatching:
             self._wxy = d * self._wxy + size * seconds
             self._sizes.add(size)
             self._wait_s = 0.8 * self._wait_s + 0.2 * wait_s if self._wait_s else wait_s
+            self._recent_waits.append(wait_s)
             self._update()
 
     # Model ----------------------------------------------------------------------------
@@ -192,6 +201,17 @@ class AdaptiveBatching:
 
     # Decision -------------------------------------------------------------------------
 
+    def _backlog(self) -> bool:
+        """Whether frames wait in a backlog: they reach the batcher older than the SLO, or
+        more than half of it older than the youngest of the recent passes. The age a frame
+        always has there (its trip from the camera, decoding, a busy worker's queue at
+        high load) is no backlog: batches that wait to fill would only add to it."""
+        slo = self.bounds.latency_slo_s
+        if self._wait_s > slo:
+            return True
+        floor = min(self._recent_waits) if self._recent_waits else 0.0
+        return self._wait_s - floor > slo / 2
+
     def limits(self, now_ns: int | None = None) -> BatchLimits:
         """The bounds for the next batch."""
         with self._lock:
@@ -201,8 +221,8 @@ class AdaptiveBatching:
                     del self._keys[key]
             return self._limits
 
-    def _efficient_size(self, limit: int) -> int:
-        """The smallest size whose frames per second come within `EFFICIENCY` of those of
+    def _efficient_size(self, limit: int, efficiency: float = EFFICIENCY) -> int:
+        """The smallest size whose frames per second come within `efficiency` of those of
         `limit`: larger batches gain little more but take longer, and a worker runs one
         pass at a time, so every other stream it serves waits for it. The fit speaks
         only for the sizes recent passes had: it picks no smaller size than those (a
@@ -212,7 +232,7 @@ class AdaptiveBatching:
             return limit
         best = limit / max(self._cost(limit) or 0.0, 1e-12)
         for size in range(max(self.bounds.min_size, min(self._recent_sizes)), limit):
-            if size / max(self._cost(size) or 0.0, 1e-12) >= EFFICIENCY * best:
+            if size / max(self._cost(size) or 0.0, 1e-12) >= efficiency * best:
                 return size
         return limit
 
@@ -232,19 +252,21 @@ class AdaptiveBatching:
         rate = self._rate
         workers = self._worker_count()
         keys = max(len(self._keys), 1)
-        if self._wait_s > slo / 2:
+        if self._backlog():
             # Frames reach the batcher late: a backlog, so the most frames per second.
             # They are already waiting, so the batch fills as fast as they are handed over;
             # the delay only bounds a lull (with none, each batch would hold no more than
             # one hand-over and the backlog would drain in small, slow batches).
             # When frames are already older than the SLO, or not even the smallest batch
-            # fits it, the SLO is lost whatever the size: the size is then bounded by
-            # throughput alone.
+            # fits it, the SLO is lost whatever the size: the largest batch drains the
+            # backlog fastest.
             # Nor does a backlog drain in batches smaller than the starting size: the
             # cost model knows the forward pass only, not the work each batch brings
             # outside it (a step of the dataflow, the sink's transaction, a produce).
-            limit = cap if fits and self._wait_s <= slo else b.max_size
-            size = max(self._efficient_size(limit), min(b.start().max_size, limit))
+            lost = not fits or self._wait_s > slo
+            limit = b.max_size if lost else cap
+            efficiency = BACKLOG_EFFICIENCY if lost else EFFICIENCY
+            size = max(self._efficient_size(limit, efficiency), min(b.start().max_size, limit))
             delay_s = b.max_delay_s if size > 1 else 0.0
         else:
             size = self._efficient_size(cap)
