@@ -117,7 +117,10 @@ class BatchLogic(StatefulBatchLogic[PreparedFrame, FrameBatch, BatchState]):
         """New frames for this key (with a controller, under the limits it picks now)."""
         now = self.clock()
         if self.controller is not None and values:
-            self.controller.observe_arrivals(self.batcher.key_of(values[0]), len(values), now)
+            first = values[0]
+            age_s = max(first.prepared_ns - first.meta.capture_ns, 0) / 1e9
+            key = self.batcher.key_of(first)
+            self.controller.observe_arrivals(key, len(values), now, age_s)
             limits = self.controller.limits(now)
             self.batcher.max_size = limits.max_size
             self.batcher.max_delay_ns = limits.max_delay_ns

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from operators.adaptive import EFFICIENCY, AdaptiveBatching, AdaptiveBounds, BatchLimits
@@ -76,6 +78,14 @@ def test_starts_from_the_initial_size_without_waiting() -> None:
     assert AdaptiveBatching(AdaptiveBounds(max_size=1)).limits() == BatchLimits(1, 0)
     with pytest.raises(ValueError):
         AdaptiveBounds(max_size=8, initial_size=16)
+
+
+def test_a_flow_started_on_a_backlog_takes_the_largest_batches_from_the_first() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    controller.observe_arrivals("k", 100, 0, age_s=0.05)
+    assert controller.limits() == BatchLimits(16, 0)
+    controller.observe_arrivals("k", 100, 1_000_000, age_s=1.5)  # older than the SLO
+    assert controller.limits() == BatchLimits(64, 50_000_000)
 
 
 def test_learns_a_linear_cost_model() -> None:
@@ -154,6 +164,14 @@ def test_batch_logic_takes_its_limits_from_the_controller() -> None:
     batches, _ = logic.on_batch([frame(i) for i in range(1, 21)])
     assert logic.batcher.max_size == controller.limits().max_size <= 8
     assert all(len(b.frames) <= 8 for b in batches)
+
+
+def test_batch_logic_tells_the_controller_how_old_arriving_frames_are() -> None:
+    controller = AdaptiveBatching(AdaptiveBounds(max_size=64, latency_slo_s=0.2))
+    logic = batch_logic_builder(64, 0.05, key_of=lambda f: "k", controller=controller)(None)
+    late = [dataclasses.replace(frame(i), prepared_ns=1_000_000_000) for i in range(100)]
+    batches, _ = logic.on_batch(late)  # captured 1 s before they were prepared
+    assert [len(b.frames) for b in batches] == [64]
 
 
 def test_a_backlog_fills_batches_up_to_the_efficient_size() -> None:
@@ -239,8 +257,8 @@ def test_batches_do_not_shrink_below_the_sizes_measured() -> None:
     # workers' passes contending for the cores): the fit finds no fixed cost, so by the
     # model one frame per pass would be as fast as any batch.
     for _ in range(10):
-        controller.observe_inference(16, 0.032, wait_s=0.5)
-        controller.observe_inference(64, 0.150, wait_s=0.5)
+        controller.observe_inference(16, 0.032, wait_s=0.05)
+        controller.observe_inference(64, 0.150, wait_s=0.05)
     assert controller.cost_s(1) == pytest.approx(0.0025, rel=0.2)
     # A pass of one frame was never measured: the model does not speak for it.
     assert controller.limits().max_size == 16
