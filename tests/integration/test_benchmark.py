@@ -53,3 +53,6 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
         "offered_load",
     }
     assert {"saturation", "low_load", "at_70pct"} <= set(report["adaptive"])
+    mid = report["adaptive"]["at_70pct_rounds"]
+    assert len(mid) == 1 and set(mid[0]) == {"default", "adaptive"}
+    assert report["adaptive"]["at_70pct"]["latency_ms"] == mid[0]["adaptive"]
