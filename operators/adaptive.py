@@ -115,11 +115,11 @@ class AdaptiveBatching:
         them `age_s` old (since capture)."""
         with self._lock:
             self._keys[key] = now_ns
-            b = self.bounds
-            if self._w == 0 and age_s > b.latency_slo_s:
-                # Before any forward pass: frames already older than the SLO (a flow
-                # started on a backlog) go in the largest batches from the first one.
-                self._limits = BatchLimits(b.max_size, int(b.max_delay_s * 1e9))
+            if self._w == 0 and age_s > self._wait_s:
+                # Before any forward pass the arrivals' age is all that is known of the
+                # wait: a flow started on a backlog drains it from its first batch.
+                self._wait_s = age_s
+                self._update()
             if self._backlog():
                 # A backlog: frames arrive as fast as they are read, not as they are sent
                 # (a burst that waited for the flow's start-up reads as thousands per
@@ -240,10 +240,10 @@ class AdaptiveBatching:
 
     def _update(self) -> None:
         b = self.bounds
-        if self._cost(1) is None:
+        slo = b.latency_slo_s
+        if self._cost(1) is None and self._wait_s <= slo:
             self._limits = b.start()
             return
-        slo = b.latency_slo_s
         # The largest size whose forward pass leaves half the SLO for waiting and queueing.
         cap = b.min_size
         for size in range(b.min_size, b.max_size + 1):
@@ -264,8 +264,9 @@ class AdaptiveBatching:
             # step of the dataflow, the sink's transaction, a produce). When frames are
             # already older than the SLO, or not even the smallest batch fits it, the SLO
             # is lost whatever the size: the largest batch drains the backlog fastest (on
-            # 2 cores passes of 64 frames cost more per frame than passes of 16, yet
-            # carry 10 % more frames per second through the whole flow).
+            # 2 cores passes of 64 frames can cost more per frame than passes of 16, yet
+            # carry more frames per second through the whole flow). With no pass measured
+            # yet, every size fits.
             if not fits or self._wait_s > slo:
                 size = b.max_size
             else:
