@@ -4,8 +4,10 @@ per-frame results and dead letters."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # the span export process loads these records without numpy
+    import numpy as np
 
 
 @dataclass(frozen=True, slots=True)

@@ -672,6 +672,9 @@ class ExportProcess(SpanProcessor):
         stats_read, stats_write = os.pipe()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        # An exporter that loads numpy would start its math library's thread pool, whose
+        # threads spin for tens of milliseconds of CPU, next to the flow's workers.
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.process = subprocess.Popen(
             [
                 sys.executable,

@@ -331,6 +331,18 @@ def test_a_failed_export_process_is_never_ready() -> None:
     assert processor.stats is None
 
 
+def test_the_export_process_runs_on_one_thread() -> None:
+    # numpy's math library would start a thread pool that spins for tens of milliseconds
+    # of CPU once the process is ready, while the flow's workers run
+    processor = ExportProcess(Resource.create({}), make_exporter=EncodingExporter)
+    try:
+        assert processor.wait_ready(timeout_s=30)
+        assert len(os.listdir(f"/proc/{processor.process.pid}/task")) == 1
+    finally:
+        processor.shutdown(timeout_s=10)
+    assert processor.stats == {"received": 0, "exported": 0, "failures": 0}
+
+
 def _no_exporter() -> EncodingExporter:
     raise RuntimeError("no exporter here")
 
