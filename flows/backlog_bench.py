@@ -258,7 +258,9 @@ def run_flow(bootstrap: str, topic: str, workdir: Path) -> dict[str, Any]:
     from operators.ingest import frame_source
     from operators.sinks import DeadLetterSink, ResultSink
     from operators.stores import open_store
+    from operators.workers import keep_freed_memory
 
+    keep_freed_memory()  # as `flows.video` does
     settings = _settings()
     _, out, dlq = topics(topic)
     inferencer = Inferencer.create(load_detector(), device="auto")

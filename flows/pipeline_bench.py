@@ -52,7 +52,7 @@ from operators.metrics import PipelineMetrics
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.span_export import EncodingExporter
 from operators.tracing import Tracing, setup_tracing, write_tracer
-from operators.workers import freeze_startup_heap
+from operators.workers import freeze_startup_heap, keep_freed_memory
 
 TARGETS = {
     "pipeline_over_ceiling": 0.85,
@@ -553,6 +553,7 @@ def run(
 ) -> dict[str, Any]:
     """Every measurement of the plan; the report as a dict."""
     out.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()  # as `flows.video` does: the naive loop and ceilings share it
     with tempfile.TemporaryDirectory(prefix="streamsight-bench-") as tmp:
         bench = Bench(Path(tmp), plan.distinct_frames, model_scale, workers)
         freeze_startup_heap()  # as `flows.video` does once it is built

@@ -27,11 +27,12 @@ from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import StoreError, open_store
 from operators.tally import Tally
 from operators.tracing import setup_tracing, write_tracer
-from operators.workers import freeze_startup_heap, workers_per_process
+from operators.workers import freeze_startup_heap, keep_freed_memory, workers_per_process
 
 log = logging.getLogger("flows.video")
 T = TypeVar("T")
 
+keep_freed_memory()  # before the model's first allocations
 settings = load_settings()
 logging.basicConfig(
     level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

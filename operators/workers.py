@@ -6,12 +6,16 @@ is depends on the topic's name. `local_key` picks a key that Bytewax routes to a
 worker, so frames can be batched and inferred on the worker that read them: the workers
 share the model's work as evenly as Bytewax shares the Kafka partitions between them.
 `freeze_startup_heap` keeps the interpreter's full garbage collections, which hold the
-interpreter lock every worker shares, from walking the objects of start-up.
+interpreter lock every worker shares, from walking the objects of start-up, and
+`keep_freed_memory` keeps glibc's malloc from handing the forward passes' buffers back to
+the kernel after every batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import os
 import sys
@@ -38,6 +42,44 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+MMAP_THRESHOLD_BYTES = 32 << 20
+"""Blocks up to this size come from malloc's heaps (glibc's largest allowed value)."""
+TRIM_THRESHOLD_BYTES = 256 << 20
+"""Free memory at the top of a heap is kept up to this size."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_USER_TUNING = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
+    """Have glibc's malloc serve blocks up to `MMAP_THRESHOLD_BYTES` from its heaps and
+    keep up to `TRIM_THRESHOLD_BYTES` of freed memory instead of returning it to the
+    kernel; whether it did. Not done off glibc, nor when the environment already tunes
+    malloc (`GLIBC_TUNABLES` with `glibc.malloc.*`, or `MALLOC_*_`): that choice stands.
+
+    A forward pass allocates and frees megabytes of activations. By default glibc maps
+    large blocks afresh and trims the heap's top when they are freed, so the next batch
+    touches new pages: 100,000 to 280,000 page faults per 2,200 frames on a 2-core
+    machine, about 10,000 with these thresholds. Peak memory is unchanged: what is kept
+    is what the last batches used."""
+    environ = os.environ if environ is None else environ
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", "") or any(
+        name in environ for name in _USER_TUNING
+    ):
+        return False
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # a libc without mallopt (musl)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def note_worker(index: int, count: int) -> None:

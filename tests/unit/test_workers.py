@@ -4,6 +4,7 @@ against real Bytewax dataflows."""
 from __future__ import annotations
 
 import gc
+import platform
 import weakref
 from typing import Any
 
@@ -16,6 +17,7 @@ from bytewax.testing import TestingSource, cluster_main
 from operators.workers import (
     current_worker,
     freeze_startup_heap,
+    keep_freed_memory,
     local_key,
     note_worker,
     routed_worker,
@@ -124,3 +126,11 @@ def test_freezing_the_start_up_heap_collects_first_then_hides_what_is_alive() ->
         gc.unfreeze()
         if enabled:
             gc.enable()
+
+
+def test_malloc_keeps_freed_memory_unless_the_environment_tunes_it() -> None:
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory({}) is glibc
+    assert keep_freed_memory({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}) is glibc
+    assert keep_freed_memory({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) is False
+    assert keep_freed_memory({"MALLOC_TRIM_THRESHOLD_": "131072"}) is False
