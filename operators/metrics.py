@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from operators.batching import FLUSH_REASONS
 from operators.dead_letters import INTERNAL_ERROR, REASONS
 from operators.frames import DeadLetter, FrameBatch, FrameMeta, FrameResult, PreparedFrame
+from operators.sharded_metrics import ShardedCounter, ShardedHistogram
 
 log = logging.getLogger(__name__)
 
@@ -205,26 +206,26 @@ class PipelineMetrics:
         p = PREFIX
         r = registry
 
-        self.stage_items_received = Counter(
+        self.stage_items_received = ShardedCounter(
             f"{p}_stage_items_received",
             "Items (frames or dead letters) into a stage.",
             ["stage"],
             registry=r,
         )
-        self.stage_items_emitted = Counter(
+        self.stage_items_emitted = ShardedCounter(
             f"{p}_stage_items_emitted",
             "Items out of a stage, dead letters included.",
             ["stage"],
             registry=r,
         )
-        self.stage_duration = Histogram(
+        self.stage_duration = ShardedHistogram(
             f"{p}_stage_duration_seconds",
             "Wall time of one stage call (one item or batch).",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=r,
         )
-        self.stage_cpu = Counter(
+        self.stage_cpu = ShardedCounter(
             f"{p}_stage_cpu_seconds",
             "CPU time spent by a stage on its own thread.",
             ["stage"],
@@ -271,7 +272,7 @@ class PipelineMetrics:
             buckets=INFERENCE_BUCKETS,
             registry=r,
         )
-        self.inference_frame = Histogram(
+        self.inference_frame = ShardedHistogram(
             f"{p}_inference_frame_duration_seconds",
             "Forward-pass time per frame (batch time divided by its frames).",
             buckets=INFERENCE_BUCKETS,
@@ -294,7 +295,7 @@ class PipelineMetrics:
             ["job_id"],
             registry=r,
         )
-        self.end_to_end = Histogram(
+        self.end_to_end = ShardedHistogram(
             f"{p}_end_to_end_latency_seconds",
             "Capture time to the sink's write, per stored frame.",
             buckets=LATENCY_BUCKETS,
