@@ -15,6 +15,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
@@ -91,8 +92,14 @@ class HistogramChild:
         return counts, total, exemplars
 
 
-class _Sharded:
-    """A family of children by label values, registered in `registry`."""
+C = TypeVar("C", CounterChild, HistogramChild)
+
+
+class _Sharded(Generic[C]):
+    """A family of children by label values, registered in `registry`; `_family` is the
+    metric family it is exposed as."""
+
+    _family: type[CounterMetricFamily] | type[HistogramMetricFamily]
 
     def __init__(
         self,
@@ -104,12 +111,16 @@ class _Sharded:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], object] = {}
+        self._children: dict[tuple[str, ...], C] = {}
         self._lock = threading.Lock()  # creating a child, not updating one
         if registry is not None:
             registry.register(self)
 
-    def _child(self, values: tuple[str, ...]) -> object:
+    def labels(self, *values: str) -> C:
+        """The child for these label values."""
+        return self._child(tuple(map(str, values)))
+
+    def _child(self, values: tuple[str, ...]) -> C:
         found = self._children.get(values)
         if found is None:
             if len(values) != len(self.labelnames):
@@ -118,42 +129,39 @@ class _Sharded:
                 found = self._children.setdefault(values, self._new_child())
         return found
 
-    def _new_child(self) -> object:
+    def _new_child(self) -> C:
         raise NotImplementedError
 
-    def _items(self) -> Iterable[tuple[tuple[str, ...], object]]:
-        return list(self._children.items())
+    def describe(self) -> Iterable[Metric]:
+        """The family without samples (for the registry's name checks)."""
+        return [self._family(self.name, self.documentation, labels=self.labelnames)]
 
 
-class ShardedCounter(_Sharded):
+class ShardedCounter(_Sharded[CounterChild]):
     """A counter (exposed as `<name>_total`) whose children are `CounterChild`."""
 
-    def labels(self, *values: str) -> CounterChild:
-        """The child for these label values."""
-        return self._child(tuple(str(v) for v in values))  # type: ignore[return-value]
+    _family = CounterMetricFamily
 
     def inc(self, amount: float = 1.0) -> None:
         """Add to the unlabelled counter."""
-        self.labels().inc(amount)
+        self._child(()).inc(amount)
 
     def _new_child(self) -> CounterChild:
         return CounterChild()
 
-    def describe(self) -> Iterable[Metric]:
-        """The family without samples (for the registry's name checks)."""
-        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> Iterable[Metric]:
         """The family with each child's sum over threads."""
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self._items():
-            family.add_metric(list(values), child.value())  # type: ignore[attr-defined]
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value())
         return [family]
 
 
-class ShardedHistogram(_Sharded):
+class ShardedHistogram(_Sharded[HistogramChild]):
     """A histogram with upper bounds `buckets` (+Inf added) whose children are
     `HistogramChild`."""
+
+    _family = HistogramMetricFamily
 
     def __init__(
         self,
@@ -170,26 +178,18 @@ class ShardedHistogram(_Sharded):
         self.bounds = tuple(bounds)
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramChild:
-        """The child for these label values."""
-        return self._child(tuple(str(v) for v in values))  # type: ignore[return-value]
-
     def observe(self, amount: float, exemplar: Mapping[str, str] | None = None) -> None:
         """Observe into the unlabelled histogram."""
-        self.labels().observe(amount, exemplar)
+        self._child(()).observe(amount, exemplar)
 
     def _new_child(self) -> HistogramChild:
         return HistogramChild(self.bounds)
 
-    def describe(self) -> Iterable[Metric]:
-        """The family without samples (for the registry's name checks)."""
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> Iterable[Metric]:
         """The family with cumulative buckets, count and sum over threads."""
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self._items():
-            counts, total, exemplars = child.snapshot()  # type: ignore[attr-defined]
+        for values, child in list(self._children.items()):
+            counts, total, exemplars = child.snapshot()
             buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
             running = 0
             for bound, count, exemplar in zip(self.bounds, counts, exemplars, strict=True):
