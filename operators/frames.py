@@ -4,7 +4,7 @@ per-frame results and dead letters."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the span export process loads these records without numpy
     import numpy as np
@@ -54,6 +54,10 @@ class PreparedFrame:
     meta: FrameMeta
     pixels: np.ndarray
     prepared_ns: int
+    pending_spans: tuple[Any, ...] | None = None
+    """With tracing, what the frame's ingest and preprocess spans are made of (its
+    message's headers, Kafka timestamp and size, decode start and end) until its
+    batch's inference stage writes them; else None."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -806,6 +806,11 @@ def remote_parent(context: Context) -> Ctx | None:
     return context_record(found) if found.is_valid else None
 
 
+def as_remote(ctx: Ctx) -> Ctx:
+    """`ctx` as a later stage reads it back from the carrier (`span_context_of`)."""
+    return (ctx[0], ctx[1], ctx[2] & TraceFlags.SAMPLED, ctx[3], True)
+
+
 def carrier_of(ctx: Ctx, job_id: str | None, parent: Context | None = None) -> dict[str, str]:
     """The W3C headers that continue the trace under `ctx`: `traceparent`, `tracestate`,
     and as `baggage` the parent's entries with the job ID."""
@@ -1001,8 +1006,10 @@ def traced_prepare(
     tracing: Tracing, prepare: Callable[[RawFrame], PreparedFrame | DeadLetter]
 ) -> Callable[[RawFrame], PreparedFrame | DeadLetter]:
     """Wrap the decode stage: the ingest CONSUMER span (child of the Kafka headers'
-    context, from the message's Kafka timestamp to its ingest) and a `preprocess` span;
-    the ingest span's context goes into the frame (or dead letter) for later stages."""
+    context, from the message's Kafka timestamp to its ingest) and a `preprocess` span.
+    A prepared frame keeps what they are made of (`PreparedFrame.pending_spans`) and
+    `traced_infer` writes them with its batch (`write_ingest_spans`); a dead letter gets
+    them here, and the ingest span's context in its carrier."""
     if not tracing.enabled:
         return prepare
     spans = _recorder(tracing)
@@ -1012,29 +1019,16 @@ def traced_prepare(
         started = time.time_ns()
         out = prepare(raw)
         ended = time.time_ns()
+        if isinstance(out, PreparedFrame):
+            # Between two frames' decoding the caches are cold: a batch's spans cost a
+            # fraction as much written in one loop. The frame is new and not yet shared.
+            pending = (raw.headers, raw.timestamp_ms, len(raw.value or b""), started, ended)
+            object.__setattr__(out, "pending_spans", pending)
+            return out
         headers = carrier_from_headers(raw.headers)
         parent = span_context_of(headers)
-        kafka_ns = (raw.timestamp_ms or 0) * 1_000_000
-        start = kafka_ns if 0 < kafka_ns <= raw.ingest_ns else raw.ingest_ns
+        start = _ingest_start(raw.timestamp_ms, raw.ingest_ns)
         name = f"process {raw.topic}"
-        if isinstance(out, PreparedFrame):
-            meta = out.meta
-            entries = headers.get("baggage")
-            parent_ctx = None
-            if entries and entries != _own_baggage(meta.job_id):
-                parent_ctx = extract(headers)  # other baggage entries travel on
-            ingest = spans.context(name, parent, kind=SpanKind.CONSUMER)
-            if sampled(ingest):
-                spans.compact(
-                    (PREPARED, ingest, parent, start, raw.ingest_ns, started, ended, raw.topic,
-                     meta.partition, meta.offset, group, len(raw.value or b""), meta.job_id,
-                     meta.camera, meta.frame_id, meta.seq, meta.width, meta.height)
-                )  # fmt: skip
-            # The carrier is the frame's own dict (parsed from its headers for it alone):
-            # updated in place, which spares copying the frame and its metadata.
-            meta.trace_carrier.clear()
-            meta.trace_carrier.update(carrier_of(ingest, meta.job_id, parent_ctx))
-            return out
         parent_ctx = extract(headers)
         attributes = {
             **_letter_attributes(out, parent_ctx, INGEST),
@@ -1052,6 +1046,51 @@ def traced_prepare(
         return replace(out, trace_carrier=carrier_of(ingest, str(attributes[JOB_ID]), parent_ctx))
 
     return run
+
+
+def _ingest_start(timestamp_ms: int | None, ingest_ns: int) -> int:
+    """When a message's ingest span starts: its Kafka timestamp, unless that is missing
+    or later than its ingest."""
+    kafka_ns = (timestamp_ms or 0) * 1_000_000
+    return kafka_ns if 0 < kafka_ns <= ingest_ns else ingest_ns
+
+
+def write_ingest_spans(
+    spans: SpanRecorder, group: str | None, frames: Sequence[PreparedFrame]
+) -> list[Ctx | None]:
+    """Write the ingest and preprocess spans that `traced_prepare` left on `frames`, and
+    put each ingest span's context in its frame's carrier for the later stages; those
+    contexts as read back from the carriers (None for a frame written before)."""
+    ingests: list[Ctx | None] = []
+    for frame in frames:
+        pending = frame.pending_spans
+        if pending is None:
+            ingests.append(None)
+            continue
+        object.__setattr__(frame, "pending_spans", None)  # written once
+        raw_headers, timestamp_ms, size, started, ended = pending
+        meta = frame.meta
+        headers = carrier_from_headers(raw_headers)
+        parent = span_context_of(headers)
+        entries = headers.get("baggage")
+        parent_ctx = None
+        if entries and entries != _own_baggage(meta.job_id):
+            parent_ctx = extract(headers)  # other baggage entries travel on
+        topic = meta.topic
+        ingest = spans.context(f"process {topic}", parent, kind=SpanKind.CONSUMER)
+        if sampled(ingest):
+            spans.compact(
+                (PREPARED, ingest, parent, _ingest_start(timestamp_ms, meta.ingest_ns),
+                 meta.ingest_ns, started, ended, topic, meta.partition, meta.offset, group,
+                 size, meta.job_id, meta.camera, meta.frame_id, meta.seq, meta.width,
+                 meta.height)
+            )  # fmt: skip
+        # The carrier is the frame's own dict (parsed from its headers for it alone):
+        # updated in place, which spares copying the frame and its metadata.
+        meta.trace_carrier.clear()
+        meta.trace_carrier.update(carrier_of(ingest, meta.job_id, parent_ctx))
+        ingests.append(as_remote(ingest))
+    return ingests
 
 
 def traced_source_error(
@@ -1133,12 +1172,17 @@ def traced_infer(
     if not tracing.enabled:
         return infer
     spans = _recorder(tracing)
+    group = tracing.consumer_group
     model = {k: bounded(v) for k, v in (model or {}).items()}
 
     def run(batch: FrameBatch) -> list[FrameResult]:
         frames = batch.frames
+        ingests = write_ingest_spans(spans, group, frames)
         metas = [frame.meta for frame in frames]
-        parents = [span_context_of(meta.trace_carrier) for meta in metas]
+        parents = [
+            ingest if ingest is not None else span_context_of(meta.trace_carrier)
+            for meta, ingest in zip(metas, ingests, strict=True)
+        ]
         batch_id = batch.batch_id
         links: list[SpanLink] = [
             (parent, {FRAME_ID: bounded(meta.frame_id)})

@@ -60,9 +60,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def trace_frames(tracing: Tracing, frames: int = 6) -> list[FrameResult]:
-    """Send, ingest, preprocess, batch, infer and write `frames` frames (the last one a
-    dead letter) through the tracing wrappers; the results."""
+def prepare_frames(tracing: Tracing, frames: int = 6) -> list[PreparedFrame | Any]:
+    """Send, ingest and preprocess `frames` frames (the last one a dead letter) through
+    the tracing wrappers; the prepared frames and the dead letter."""
     send = send_tracer(tracing, "frames", "job-1")
     assert send is not None
     now_ms = time.time() * 1000
@@ -83,7 +83,13 @@ def trace_frames(tracing: Tracing, frames: int = 6) -> list[FrameResult]:
         raws.append(
             RawFrame("frames", 0, seq, b"cam-0", b"x", headers, int(now_ms), time.time_ns())
         )
-    outs = [traced_prepare(tracing, prepare)(raw) for raw in raws]  # type: ignore[arg-type]
+    return [traced_prepare(tracing, prepare)(raw) for raw in raws]  # type: ignore[arg-type]
+
+
+def trace_frames(tracing: Tracing, frames: int = 6) -> list[FrameResult]:
+    """Send, ingest, preprocess, batch, infer and write `frames` frames (the last one a
+    dead letter) through the tracing wrappers; the results."""
+    outs = prepare_frames(tracing, frames)
     good = tuple(o for o in outs if isinstance(o, PreparedFrame))
 
     def infer(batch: FrameBatch) -> list[FrameResult]:
@@ -181,6 +187,50 @@ def test_a_frame_is_piped_as_one_record_per_stage_that_expands_to_its_spans() ->
         for s in memory.get_finished_spans()
     )
     assert Counter(_described(s[0], s[1], s[6], s[8][0]) for s in spans) == expected
+
+
+def test_a_frames_ingest_and_preprocess_spans_are_written_once_with_its_batch() -> None:
+    provider = TracerProvider(sampler=parent_based_sampler(), shutdown_on_exit=False)
+    piped = PipedRecords()
+    recorder = SpanRecorder(provider, piped)  # type: ignore[arg-type]
+    tracing = Tracing(True, provider.get_tracer("test"), provider, recorder=recorder)
+    outs = prepare_frames(tracing, frames=5)
+    good = tuple(o for o in outs if isinstance(o, PreparedFrame))
+    sent = {r[4][1] for r in piped.records if r[0] == "send frames"}
+    # Decoding leaves them on the frame; the dead letter gets its spans at once.
+    assert not [r for r in piped.records if r[0] == PREPARED]
+    assert [r[0] for r in piped.records if r[0] not in ("send frames",)] == [
+        "process frames",
+        "preprocess",
+    ]
+    assert len(good) == 4 and all(f.pending_spans is not None for f in good)
+    camera_carriers = [dict(f.meta.trace_carrier) for f in good]
+
+    def infer(batch: FrameBatch) -> list[FrameResult]:
+        return [
+            FrameResult(f.meta, (), "det", "1", "cpu", 4, "size", 0, time.time_ns(), "b1")
+            for f in batch.frames
+        ]
+
+    now = time.time_ns()
+    batch = FrameBatch("0", good, "size", now, now, "b1")
+    run = traced_infer(tracing, infer)
+    run(batch)
+    prepared = [r for r in piped.records if r[0] == PREPARED]
+    assert len(prepared) == 4 and all(f.pending_spans is None for f in good)
+    parents = {r[2][1] for r in prepared}
+    assert len(parents) == 4 and parents < sent  # each ingest span is its send's child
+    for frame, record, before in zip(good, prepared, camera_carriers, strict=True):
+        ingest = record[1]
+        assert record[14] == frame.meta.frame_id
+        assert frame.meta.trace_carrier["traceparent"] == (
+            f"00-{ingest[0]:032x}-{ingest[1]:016x}-01"
+        )
+        assert frame.meta.trace_carrier != before
+    inferred = next(r for r in piped.records if r[0] == INFERRED)
+    assert [f[0][1] for f in inferred[6]] == [r[1][1] for r in prepared]  # their parents
+    run(batch)  # the same frames again: their ingest spans are not written twice
+    assert len([r for r in piped.records if r[0] == PREPARED]) == 4
 
 
 def export_40_frames(make_exporter: Any = None) -> Tracing:
