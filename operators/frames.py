@@ -59,6 +59,15 @@ class PreparedFrame:
     message's headers, Kafka timestamp and size, decode start and end) until its
     batch's inference stage writes them; else None."""
 
+    def __setstate__(self, state: list[Any]) -> None:
+        """Unpickle (recovery snapshots hold pending frames): a snapshot taken before
+        `pending_spans` existed holds the first three fields only."""
+        values = [*state, None][:4]
+        for name, value in zip(
+            ("meta", "pixels", "prepared_ns", "pending_spans"), values, strict=True
+        ):
+            object.__setattr__(self, name, value)
+
 
 @dataclass(frozen=True, slots=True)
 class FrameBatch:

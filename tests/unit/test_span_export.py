@@ -5,6 +5,7 @@ all of them, at an exporter running in the child process."""
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 from collections import Counter
@@ -231,6 +232,38 @@ def test_a_frames_ingest_and_preprocess_spans_are_written_once_with_its_batch() 
     assert [f[0][1] for f in inferred[6]] == [r[1][1] for r in prepared]  # their parents
     run(batch)  # the same frames again: their ingest spans are not written twice
     assert len([r for r in piped.records if r[0] == PREPARED]) == 4
+
+
+def test_a_frame_restored_from_a_snapshot_without_pending_spans_is_inferred() -> None:
+    provider = TracerProvider(sampler=parent_based_sampler(), shutdown_on_exit=False)
+    piped = PipedRecords()
+    recorder = SpanRecorder(provider, piped)  # type: ignore[arg-type]
+    tracing = Tracing(True, provider.get_tracer("test"), provider, recorder=recorder)
+    # Its carrier holds its ingest span's context, written when it was decoded.
+    carrier = {"traceparent": f"00-{7:032x}-{11:016x}-01"}
+    meta = FrameMeta(
+        "job-1/cam-0/0", "job-1", "cam-0", 0, "frames", 0, 0, 0, 0, "ab" * 32, 2, 2, carrier
+    )
+    fresh = PreparedFrame(meta, np.zeros((2, 2, 3), np.uint8), time.time_ns())
+    # The state a snapshot held before frames kept their spans: three fields.
+    restored = PreparedFrame.__new__(PreparedFrame)
+    restored.__setstate__(fresh.__getstate__()[:3])  # type: ignore[attr-defined]
+    again = pickle.loads(pickle.dumps(restored))  # and is snapshotted again
+    assert restored.pending_spans is None and again.pending_spans is None
+    assert again.meta == fresh.meta and again.prepared_ns == fresh.prepared_ns
+
+    def infer(batch: FrameBatch) -> list[FrameResult]:
+        return [
+            FrameResult(f.meta, (), "det", "1", "cpu", 1, "size", 0, 1, "b1") for f in batch.frames
+        ]
+
+    now = time.time_ns()
+    results = traced_infer(tracing, infer)(FrameBatch("0", (restored,), "size", now, now, "b1"))
+    assert [r.meta.frame_id for r in results] == ["job-1/cam-0/0"]
+    assert not [r for r in piped.records if r[0] == PREPARED]
+    assert [r[0] for r in piped.records] == ["inference batch", INFERRED]
+    assert [f[0][:2] for f in piped.records[1][6]] == [(7, 11)]  # under its ingest span
+    assert meta.trace_carrier == {"traceparent": f"00-{7:032x}-{11:016x}-01"}
 
 
 def export_40_frames(make_exporter: Any = None) -> Tracing:
