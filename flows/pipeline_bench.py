@@ -17,6 +17,7 @@ import os
 import pickle
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
-from flows.backlog_bench import streamed_rss
+from flows.backlog_bench import peak_rss_kib, streamed_rss
 from flows.camera import OutgoingFrame, camera_id, publish, synthetic_frames
 from flows.embedded import EmbeddedBroker
 from flows.pipeline import build_flow
@@ -134,8 +135,12 @@ class GpuUtilisation:
     def mean_between(self, start_ns: int, end_ns: int) -> float | None:
         """Mean utilisation of the samples taken from `start_ns` to `end_ns`, or None
         without any."""
-        values = [value for at, value in self.samples if start_ns <= at <= end_ns]
-        return round(statistics.fmean(values), 1) if values else None
+        return _mean_between(self.samples, start_ns, end_ns)
+
+
+def _mean_between(samples: Sequence[tuple[int, float]], start_ns: int, end_ns: int) -> float | None:
+    values = [value for at, value in samples if start_ns <= at <= end_ns]
+    return round(statistics.fmean(values), 1) if values else None
 
 
 def scaled_detector(scale: int) -> LoadedDetector:
@@ -180,6 +185,156 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"p50": float(p50), "p99": float(p99)}
 
 
+@dataclass
+class FlowRun:
+    """What one process saw of a dataflow run: per-frame rows (capture, ingest and write
+    times in ns, batch size), its CPU and wall seconds, GPU samples, spans exported and
+    peak memory."""
+
+    rows: list[tuple[int, int, int, int]]
+    cpu_s: float
+    wall_s: float
+    gpu_samples: list[tuple[int, float]] = field(default_factory=list)
+    spans_exported: int | None = None
+    peak_rss_mb: float = 0.0
+
+    @classmethod
+    def merged(cls, runs: Sequence[FlowRun]) -> FlowRun:
+        """The runs of a cluster's processes as one: rows, CPU, spans and memory added up,
+        the longest wall time."""
+        spans = [r.spans_exported for r in runs]
+        return cls(
+            rows=[row for r in runs for row in r.rows],
+            cpu_s=sum(r.cpu_s for r in runs),
+            wall_s=max(r.wall_s for r in runs),
+            gpu_samples=sorted(s for r in runs for s in r.gpu_samples),
+            spans_exported=None if None in spans else sum(s or 0 for s in spans),
+            peak_rss_mb=sum(r.peak_rss_mb for r in runs),
+        )
+
+
+def run_dataflow(
+    inferencer: Inferencer,
+    bootstrap: str,
+    settings: Settings,
+    topic: str,
+    database: Path,
+    outputs: tuple[str, str],
+    *,
+    telemetry: bool = False,
+    end_offsets: Callable[[], dict[tuple[str, int], int] | None] | None = None,
+    workers: int = 1,
+    cluster: tuple[Sequence[str], int] | None = None,
+) -> FlowRun:
+    """Run the dataflow over `topic` to its end (or to `end_offsets` once known), writing
+    to the `outputs` topics (results, dead letters) and `database`. `cluster` makes this
+    process one of a cluster: the peers' addresses and this process's index."""
+    collected = _Collected()
+    out, dlq = outputs
+    url = f"sqlite:///{database}"
+    tracing = (
+        setup_tracing(make_exporter=EncodingExporter, flush_at_exit=False)
+        if telemetry
+        else Tracing.disabled()
+    )
+    # The export process starts once per flow; its start-up is not part of the rate.
+    tracing.wait_ready()
+    metrics = PipelineMetrics(CollectorRegistry()) if telemetry else None
+    observers: list[Callable[[Sequence[FrameResult], int, int], None]] = [collected]
+    if metrics is not None:
+        observers.append(metrics.results_written)
+
+    def on_results(results: Sequence[FrameResult], duplicates: int, written_ns: int) -> None:
+        for observe in observers:
+            observe(results, duplicates, written_ns)
+
+    producer = producer_config(settings, bootstrap=bootstrap, client_id="bench-sink")
+    results: Any = ResultSink(
+        url,
+        producer,
+        output_topic=out,
+        dead_letter_topic=dlq,
+        on_results=on_results,
+        trace_writes=write_tracer(tracing, topic=out, store="sqlite"),
+    )
+    if metrics is not None:
+        results = metrics.measured_sink(results, stage="sink", sink="results")
+    flow = build_flow(
+        settings,
+        source=frame_source(
+            bootstrap,
+            topic,
+            client_config=client_config(settings, bootstrap),
+            batch_size=settings.fetch_batch_size,
+            tail=False,
+            end_offsets=end_offsets,
+        ),
+        infer=inferencer.infer,
+        input_size=inferencer.detector.input_size,
+        results=results,
+        dead_letters=DeadLetterSink(url, producer, topic=dlq),
+        tracing=tracing,
+        metrics=metrics,
+        model={"streamsight.device": inferencer.device_name},
+    )
+    # As `python -m bytewax.run flows.video -w N` does: the workers share the cores
+    # (the naive loop and the ceilings keep torch's default, all cores); a cluster's
+    # processes share them too.
+    addresses, index = cluster if cluster is not None else ([], 0)
+    threads = torch.get_num_threads()
+    if inferencer.device.type == "cpu":
+        torch.set_num_threads(threads_per_worker(workers * max(len(addresses), 1)))
+    cpu0, wall0 = _cpu_s(), time.perf_counter()
+    try:
+        with GpuUtilisation() as gpu:
+            cluster_main(flow, list(addresses), index, worker_count_per_proc=workers)
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - wall0
+    cpu = _cpu_s() - cpu0
+    tracing.flush()
+    return FlowRun(
+        rows=collected.rows,
+        cpu_s=cpu,
+        wall_s=wall,
+        gpu_samples=gpu.samples,
+        spans_exported=tracing.exported(),
+        peak_rss_mb=peak_rss_mb(),
+    )
+
+
+def summarise(run: FlowRun, *, skip_first_s: float = 0.0) -> RunResult:
+    """The figures of a run; the frames captured in its first `skip_first_s` seconds are
+    left out of its latency."""
+    rows = run.rows
+    if not rows:
+        raise RuntimeError("the dataflow wrote nothing")
+    # Sustained rate: from the first batch written to the last, counting the frames
+    # written after the first batch. The first write waits for the sink producer's
+    # one-time start-up (its idempotent producer id: 0.5 s on the embedded broker).
+    first_out = min(r[2] for r in rows)
+    last_out = max(r[2] for r in rows)
+    counted = sum(1 for r in rows if r[2] > first_out)
+    if counted:
+        seconds = (last_out - first_out) / 1e9
+    else:
+        counted, seconds = len(rows), max((last_out - min(r[1] for r in rows)) / 1e9, 1e-9)
+    cutoff = min(r[0] for r in rows) + int(skip_first_s * 1e9)
+    latency = [(r[2] - r[0]) / 1e6 for r in rows if r[0] >= cutoff]
+    return RunResult(
+        frames=len(rows),
+        seconds=seconds,
+        cpu_util=run.cpu_s / run.wall_s / (os.cpu_count() or 1),
+        fps=counted / seconds,
+        latency_ms=percentiles(latency),
+        mean_batch=len(rows) / sum(1.0 / r[3] for r in rows),
+        peak_rss_mb=run.peak_rss_mb,
+        # Over the same window as the rate: the flow's start-up and end leave it idle.
+        gpu_utilisation=_mean_between(run.gpu_samples, first_out, last_out),
+        spans_exported=run.spans_exported,
+    )
+
+
 class Bench:
     """The broker, the model and the frames shared by every measurement."""
 
@@ -188,6 +343,7 @@ class Bench:
     ) -> None:
         self.workdir = workdir
         self.workers = workers
+        self.model_scale = model_scale
         self.broker = EmbeddedBroker()
         self.inferencer = Inferencer.create(scaled_detector(model_scale), device="auto")
         per_camera = max(distinct_frames // CAMERAS, 1)
@@ -264,105 +420,72 @@ class Bench:
         skip_first_s: float = 0.0,
     ) -> RunResult:
         """Run the dataflow over `topic` to its end (or to `end_offsets` once known)."""
-        collected = _Collected()
         n = next(self._ids)
-        out, dlq = f"bench-out-{n}", f"bench-dlq-{n}"
-        for name in (out, dlq):
+        outputs = (f"bench-out-{n}", f"bench-dlq-{n}")
+        for name in outputs:
             self.broker.create_topic(name, CAMERAS)
-        url = f"sqlite:///{self.workdir / f'run-{n}.db'}"
-        tracing = (
-            setup_tracing(make_exporter=EncodingExporter, flush_at_exit=False)
-            if telemetry
-            else Tracing.disabled()
-        )
-        # The export process starts once per flow; its start-up is not part of the rate.
-        tracing.wait_ready()
-        metrics = PipelineMetrics(CollectorRegistry()) if telemetry else None
-        observers: list[Callable[[Sequence[FrameResult], int, int], None]] = [collected]
-        if metrics is not None:
-            observers.append(metrics.results_written)
-
-        def on_results(results: Sequence[FrameResult], duplicates: int, written_ns: int) -> None:
-            for observe in observers:
-                observe(results, duplicates, written_ns)
-
-        producer = producer_config(settings, bootstrap=self.bootstrap, client_id="bench-sink")
-        results: Any = ResultSink(
-            url,
-            producer,
-            output_topic=out,
-            dead_letter_topic=dlq,
-            on_results=on_results,
-            trace_writes=write_tracer(tracing, topic=out, store="sqlite"),
-        )
-        if metrics is not None:
-            results = metrics.measured_sink(results, stage="sink", sink="results")
-        inferencer = self.inferencer
-        flow = build_flow(
+        run = run_dataflow(
+            self.inferencer,
+            self.bootstrap,
             settings,
-            source=frame_source(
-                self.bootstrap,
-                topic,
-                client_config=client_config(settings, self.bootstrap),
-                batch_size=settings.fetch_batch_size,
-                tail=False,
-                end_offsets=end_offsets,
-            ),
-            infer=inferencer.infer,
-            input_size=inferencer.detector.input_size,
-            results=results,
-            dead_letters=DeadLetterSink(url, producer, topic=dlq),
-            tracing=tracing,
-            metrics=metrics,
-            model={"streamsight.device": inferencer.device_name},
+            topic,
+            self.workdir / f"run-{n}.db",
+            outputs,
+            telemetry=telemetry,
+            end_offsets=end_offsets,
+            workers=self.workers,
         )
-        # As `python -m bytewax.run flows.video -w N` does: the workers share the cores
-        # (the naive loop and the ceilings keep torch's default, all cores).
-        threads = torch.get_num_threads()
-        if inferencer.device.type == "cpu":
-            torch.set_num_threads(threads_per_worker(self.workers))
-        cpu0, wall0 = _cpu_s(), time.perf_counter()
-        try:
-            with GpuUtilisation() as gpu:
-                cluster_main(flow, [], 0, worker_count_per_proc=self.workers)
-        finally:
-            torch.set_num_threads(threads)
-        wall = time.perf_counter() - wall0
-        cpu = _cpu_s() - cpu0
-        tracing.flush()
-        rows = collected.rows
-        if not rows:
-            raise RuntimeError("the dataflow wrote nothing")
-        # Sustained rate: from the first batch written to the last, counting the frames
-        # written after the first batch. The first write waits for the sink producer's
-        # one-time start-up (its idempotent producer id: 0.5 s on the embedded broker).
-        first_out = min(r[2] for r in rows)
-        last_out = max(r[2] for r in rows)
-        counted = sum(1 for r in rows if r[2] > first_out)
-        if counted:
-            seconds = (last_out - first_out) / 1e9
-        else:
-            counted, seconds = len(rows), max((last_out - min(r[1] for r in rows)) / 1e9, 1e-9)
-        cutoff = min(r[0] for r in rows) + int(skip_first_s * 1e9)
-        latency = [(r[2] - r[0]) / 1e6 for r in rows if r[0] >= cutoff]
-        return RunResult(
-            frames=len(rows),
-            seconds=seconds,
-            cpu_util=cpu / wall / (os.cpu_count() or 1),
-            fps=counted / seconds,
-            latency_ms=percentiles(latency),
-            mean_batch=len(rows) / sum(1.0 / r[3] for r in rows),
-            peak_rss_mb=peak_rss_mb(),
-            # Over the same window as the rate: the flow's start-up and end leave it idle.
-            gpu_utilisation=gpu.mean_between(first_out, last_out),
-            spans_exported=tracing.exported(),
-        )
+        return summarise(run, skip_first_s=skip_first_s)
 
     def saturation(self, settings: Settings, frames: int, *, telemetry: bool = False) -> RunResult:
         """Frames/s over a topic filled before the flow starts."""
         topic = self.topic("bench-sat")
         self.publish(topic, frames)
         return self.run_flow(settings, topic, telemetry=telemetry)
+
+    def saturation_processes(
+        self, settings: Settings, frames: int, processes: int, *, telemetry: bool = False
+    ) -> RunResult:
+        """Frames/s over a topic filled before the flow starts, read by a cluster of
+        `processes` processes of one worker each (as `-i`/`-a` start them), which share
+        the cores; memory is their peak memory added up."""
+        topic = self.topic("bench-proc")
+        self.publish(topic, frames)
+        n = next(self._ids)
+        addresses = [f"localhost:{port}" for port in free_ports(processes)]
+        members = []
+        for index in range(processes):
+            outputs = (f"bench-out-{n}-{index}", f"bench-dlq-{n}-{index}")
+            for name in outputs:
+                self.broker.create_topic(name, CAMERAS)
+            spec = {
+                "bootstrap": self.bootstrap,
+                "topic": topic,
+                "settings": settings.model_dump(mode="json", exclude_defaults=True),
+                "database": str(self.workdir / f"run-{n}-{index}.db"),
+                "outputs": outputs,
+                "telemetry": telemetry,
+                "cluster": [addresses, index],
+                "model_scale": self.model_scale,
+                "report": str(self.workdir / f"run-{n}-{index}.json"),
+                # Its output (the peers' "connection refused, retrying" while the cluster
+                # forms, warnings), shown if it fails.
+                "log": str(self.workdir / f"run-{n}-{index}.log"),
+            }
+            members.append((spec, _start_member(spec)))
+        runs = []
+        for spec, process in members:
+            try:
+                code = process.wait(timeout=MEMBER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                for _, other in members:
+                    other.kill()
+                raise RuntimeError("a cluster process did not finish in time") from None
+            if code != 0:
+                log = Path(spec["log"]).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"a cluster process failed (exit {code}):\n{log}")
+            runs.append(FlowRun(**json.loads(Path(spec["report"]).read_text())))
+        return summarise(FlowRun.merged(runs))
 
     def paced(
         self, settings: Settings, fps: float, seconds: float, warm_up_s: float = PACED_WARM_UP_S
@@ -534,6 +657,62 @@ def publish_frames(
     return dict(report.end_offsets)
 
 
+MEMBER_TIMEOUT_S = 600.0
+"""How long a cluster process of `Bench.saturation_processes` may take, start-up included."""
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on loopback right now."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _start_member(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
+    with open(spec["log"], "wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from flows.pipeline_bench import member_main; member_main()",
+                json.dumps(spec),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+
+
+def member_main() -> None:
+    """One process of `Bench.saturation_processes`: argv holds its spec as JSON; it loads
+    the model, runs its part of the cluster and writes its `FlowRun` as JSON to the
+    spec's report path."""
+    spec = json.loads(sys.argv[1])
+    keep_freed_memory()  # as `flows.video` does
+    inferencer = Inferencer.create(scaled_detector(spec["model_scale"]), device="auto")
+    freeze_startup_heap()
+    addresses, index = spec["cluster"]
+    results, letters = spec["outputs"]
+    run = run_dataflow(
+        inferencer,
+        spec["bootstrap"],
+        Settings(**spec["settings"]),
+        spec["topic"],
+        Path(spec["database"]),
+        (results, letters),
+        telemetry=spec["telemetry"],
+        cluster=(addresses, index),
+    )
+    # Its own peak: ru_maxrss would keep the benchmark process's, from before the exec.
+    run.peak_rss_mb = peak_rss_kib() / 1024.0
+    Path(spec["report"]).write_text(json.dumps(asdict(run)))
+
+
 def publish_main() -> None:
     """The publishing process of a paced run: argv holds the pickled JPEGs' path, the
     bootstrap, the topic, the frame count and the rate; the end offsets go to stdout as
@@ -573,7 +752,11 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     adaptive = base.model_copy(update={"batch_adaptive": True})
     log = console.log
     workers = bench.workers
-    one = "" if workers == 1 else ", the pipeline with 1 worker"
+    one = (
+        ""
+        if workers == 1
+        else f", the pipeline with 1 worker, as {workers} processes off, on, on and off"
+    )
     log(
         f"{plan.repeats} rounds of: saturation with {workers} worker(s), telemetry off, on, on"
         f" and off{one}, the naive loop, the compute-bound ceiling"
@@ -586,6 +769,10 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     round_fps: list[float] = []
     paired: list[float] = []
     one_worker_runs: list[RunResult] = []
+    proc_runs: list[RunResult] = []
+    proc_tel_runs: list[RunResult] = []
+    proc_paired: list[float] = []
+    proc_over_threads: list[float] = []
     naive_runs: list[dict[str, Any]] = []
     ceiling_runs: list[float] = []
     for _ in range(plan.repeats):
@@ -604,6 +791,16 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
                 one_worker_runs.append(bench.saturation(base, plan.saturation_frames))
             finally:
                 bench.workers = workers
+            # The same workers as processes of one worker each, which share no
+            # interpreter lock: off, on, on, off again.
+            frames = plan.saturation_frames
+            p_off = [bench.saturation_processes(base, frames, workers)]
+            p_on = [bench.saturation_processes(base, frames, workers, telemetry=True) for _ in "ab"]
+            p_off.append(bench.saturation_processes(base, frames, workers))
+            proc_runs += p_off
+            proc_tel_runs += p_on
+            proc_paired.append(sum(r.fps for r in p_on) / sum(r.fps for r in p_off))
+            proc_over_threads.append(statistics.fmean(r.fps for r in p_off) / round_fps[-1])
         naive_runs.append(bench.naive(plan.naive_frames))
         ceiling_runs.append(bench.compute_ceiling(default_size, plan.ceiling_seconds))
     capacity = statistics.median(r.fps for r in sat_runs)
@@ -733,6 +930,20 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
                 if one_worker_runs
                 else None
             ),
+            "processes": (
+                {
+                    "count": workers,
+                    "saturation": [r.as_dict() for r in proc_runs],
+                    "telemetry_on": [r.as_dict() for r in proc_tel_runs],
+                    "frames_per_s": round(statistics.median(r.fps for r in proc_runs), 1),
+                    "over_threads": round(statistics.median(proc_over_threads), 3),
+                    "over_threads_rounds": [round(r, 3) for r in proc_over_threads],
+                    "telemetry_on_over_off": round(statistics.median(proc_paired), 3),
+                    "telemetry_rounds": [round(r, 3) for r in proc_paired],
+                }
+                if proc_runs
+                else None
+            ),
             "offered_fps": round(rate, 1),
             "latency_at_70pct": at_rate.as_dict(),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -852,6 +1063,29 @@ def _print(report: dict[str, Any], console: Console) -> None:
         rows.append(
             ("pipeline at saturation, 1 worker", f"{p['one_worker_frames_per_s']:.0f} ({one})", "")
         )
+    procs = p.get("processes")
+    if procs:
+        runs = ", ".join(f"{x['frames_per_s']:.0f}" for x in procs["saturation"])
+        rounds = ", ".join(f"{v:.2f}" for v in procs["over_threads_rounds"])
+        memory = max(x["peak_rss_mb"] for x in procs["saturation"])
+        rows += [
+            (
+                f"the same as {procs['count']} processes of 1 worker, frames/s",
+                f"{procs['frames_per_s']:.0f} ({runs}); peak RSS {memory:.0f} MiB together",
+                "",
+            ),
+            (
+                "processes / threads (median of rounds)",
+                f"{procs['over_threads']:.2f} ({rounds})",
+                "",
+            ),
+            (
+                "telemetry on / off with processes",
+                f"{procs['telemetry_on_over_off']:.2f} (rounds"
+                f" {', '.join(f'{v:.2f}' for v in procs['telemetry_rounds'])})",
+                "",
+            ),
+        ]
     rows += [
         ("peak RSS, benchmark process (broker and all topics)", f"{p['peak_rss_mb']:.0f} MiB", ""),
         (

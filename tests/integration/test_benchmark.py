@@ -23,6 +23,15 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
         assert run["frames"] > 0 and run["frames_per_s"] > 0
         assert run["cpu_utilisation"] > 0 and run["peak_rss_mb"] > 0
     assert set(pipeline["latency_at_70pct"]["latency_ms"]) == {"p50", "p99"}
+    # The same workers as a cluster of single-worker processes read every frame once.
+    processes = pipeline["processes"]
+    assert processes["count"] == report["workers"] == 2
+    assert len(processes["saturation"]) == 4 and len(processes["telemetry_on"]) == 4
+    assert len(processes["over_threads_rounds"]) == len(processes["telemetry_rounds"]) == 2
+    for run in processes["saturation"] + processes["telemetry_on"]:
+        assert run["frames"] == 96 and run["frames_per_s"] > 0
+    for run in processes["telemetry_on"]:
+        assert run["spans_exported"] >= 5 * run["frames"]
     assert len(report["naive"]["runs"]) == 2
     ceiling = report["ceilings"]["compute_bound_frames_per_s"]
     assert len(ceiling["runs"]) == 2 and ceiling["median"] > 0
