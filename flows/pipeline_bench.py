@@ -208,7 +208,7 @@ class FlowRun:
             cpu_s=sum(r.cpu_s for r in runs),
             wall_s=max(r.wall_s for r in runs),
             gpu_samples=sorted(s for r in runs for s in r.gpu_samples),
-            spans_exported=None if None in spans else sum(s or 0 for s in spans),
+            spans_exported=None if None in spans else sum(s for s in spans if s),
             peak_rss_mb=sum(r.peak_rss_mb for r in runs),
         )
 

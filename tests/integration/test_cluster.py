@@ -8,18 +8,18 @@ Kafka credentials reach the client without ever being logged."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from flows.pipeline_bench import free_ports
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic, frame_ids, stored
 
@@ -29,16 +29,6 @@ STATEFULSET = "streamsight"
 PARTITIONS = 4
 """Recovery partitions: the maximum worker count of these tests (the rescale ends at 3)."""
 RUN_TIMEOUT_S = 150.0
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on loopback right now."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    with ExitStack() as stack:
-        for sock in sockets:
-            stack.enter_context(closing(sock))
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 @dataclass(frozen=True)
