@@ -68,8 +68,50 @@ CAMERAS = 4
 PACED_WARM_UP_S = 2.0
 """Seconds at the start of a paced run whose frames do not count toward its latency."""
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
-"""Bytewax worker threads by default: two, so that one worker decodes and does Kafka I/O
-while the other runs the model (which releases the interpreter lock)."""
+"""Bytewax workers by default: two, so that one decodes and does Kafka I/O while the other
+runs the model."""
+EndOffsets = Callable[[], dict[tuple[str, int], int] | None]
+"""Returns each partition's end offset once the frames are all published (None before)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the dataflow's workers run: `processes` processes (a Bytewax cluster on
+    loopback, as `python -m flows.processes` starts it) of `workers` worker threads."""
+
+    processes: int
+    workers: int
+
+    @property
+    def total(self) -> int:
+        """Workers in all."""
+        return self.processes * self.workers
+
+    @property
+    def name(self) -> str:
+        """`processes` when each process has one worker of several, else `threads`."""
+        return "processes" if self.processes > 1 else "threads"
+
+    def describe(self) -> str:
+        """E.g. `2 processes of 1 worker`."""
+        return (
+            f"{self.processes} process{'es' if self.processes > 1 else ''} of"
+            f" {self.workers} worker{'s' if self.workers > 1 else ''}"
+        )
+
+    def other(self) -> Layout | None:
+        """The same workers the other way (threads of one process, or single-worker
+        processes); None for a single worker."""
+        if self.total == 1:
+            return None
+        return Layout(1, self.total) if self.processes > 1 else Layout(self.total, 1)
+
+
+def shipped_layout(workers: int, device: str) -> Layout:
+    """The layout the container image runs `workers` workers in: single-worker processes
+    on CPU (they share no interpreter lock), one process of worker threads on a GPU (they
+    share one CUDA context)."""
+    return Layout(workers, 1) if device == "cpu" else Layout(1, workers)
 
 
 @dataclass
@@ -222,13 +264,15 @@ def run_dataflow(
     outputs: tuple[str, str],
     *,
     telemetry: bool = False,
-    end_offsets: Callable[[], dict[tuple[str, int], int] | None] | None = None,
+    end_offsets: EndOffsets | None = None,
     workers: int = 1,
     cluster: tuple[Sequence[str], int] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FlowRun:
     """Run the dataflow over `topic` to its end (or to `end_offsets` once known), writing
     to the `outputs` topics (results, dead letters) and `database`. `cluster` makes this
-    process one of a cluster: the peers' addresses and this process's index."""
+    process one of a cluster: the peers' addresses and this process's index. `on_ready`
+    is called once the flow is built, just before it starts."""
     collected = _Collected()
     out, dlq = outputs
     url = f"sqlite:///{database}"
@@ -284,6 +328,8 @@ def run_dataflow(
     threads = torch.get_num_threads()
     if inferencer.device.type == "cpu":
         torch.set_num_threads(threads_per_worker(workers * max(len(addresses), 1)))
+    if on_ready is not None:
+        on_ready()
     cpu0, wall0 = _cpu_s(), time.perf_counter()
     try:
         with GpuUtilisation() as gpu:
@@ -339,13 +385,28 @@ class Bench:
     """The broker, the model and the frames shared by every measurement."""
 
     def __init__(
-        self, workdir: Path, distinct_frames: int, model_scale: int = 1, workers: int = 1
+        self,
+        workdir: Path,
+        distinct_frames: int,
+        model_scale: int = 1,
+        layout: Layout | str = "shipped",
+        workers: int = 1,
     ) -> None:
+        """`layout`: a `Layout`, or `shipped`, `processes` or `threads` for `workers`
+        workers that way (`shipped`: as the image runs them on this device)."""
         self.workdir = workdir
-        self.workers = workers
         self.model_scale = model_scale
         self.broker = EmbeddedBroker()
         self.inferencer = Inferencer.create(scaled_detector(model_scale), device="auto")
+        if layout == "shipped":
+            layout = shipped_layout(workers, self.inferencer.device.type)
+        elif layout == "processes":
+            layout = Layout(workers, 1)
+        elif layout == "threads":
+            layout = Layout(1, workers)
+        if not isinstance(layout, Layout):
+            raise ValueError(f"unknown layout {layout!r}")
+        self.layout = layout
         per_camera = max(distinct_frames // CAMERAS, 1)
         self.jpegs = [f.jpeg for tick in synthetic_frames(CAMERAS, per_camera) for f in tick]
         self._ids = itertools.count()
@@ -368,9 +429,7 @@ class Bench:
         end offset of each partition."""
         return publish_frames(self.bootstrap, topic, self.jpegs, frames, fps, job)
 
-    def publish_elsewhere(
-        self, topic: str, frames: int, fps: float
-    ) -> Callable[[], dict[tuple[str, int], int] | None]:
+    def publish_elsewhere(self, topic: str, frames: int, fps: float) -> EndOffsets:
         """Start publishing as `publish` does, from a process of its own (a camera does
         not share the dataflow's interpreter); a call that returns the end offsets once
         it has finished (None before) and raises if it failed."""
@@ -416,76 +475,113 @@ class Bench:
         topic: str,
         *,
         telemetry: bool = False,
-        end_offsets: Callable[[], dict[tuple[str, int], int] | None] | None = None,
+        feed: Callable[[], EndOffsets] | None = None,
         skip_first_s: float = 0.0,
+        layout: Layout | None = None,
     ) -> RunResult:
-        """Run the dataflow over `topic` to its end (or to `end_offsets` once known)."""
+        """Run the dataflow (in `layout`, the bench's by default) over `topic` to its end,
+        or, with `feed`, to the end offsets that the call `feed` returns once they are
+        known: `feed` starts publishing when the flow is ready to read."""
+        layout = layout or self.layout
         n = next(self._ids)
-        outputs = (f"bench-out-{n}", f"bench-dlq-{n}")
-        for name in outputs:
-            self.broker.create_topic(name, CAMERAS)
-        run = run_dataflow(
-            self.inferencer,
-            self.bootstrap,
-            settings,
-            topic,
-            self.workdir / f"run-{n}.db",
-            outputs,
-            telemetry=telemetry,
-            end_offsets=end_offsets,
-            workers=self.workers,
-        )
+        if layout.processes > 1:
+            run = self._run_cluster(settings, topic, n, layout, telemetry=telemetry, feed=feed)
+        else:
+            outputs = self._outputs(n)
+            end_offsets = feed() if feed is not None else None
+            run = run_dataflow(
+                self.inferencer,
+                self.bootstrap,
+                settings,
+                topic,
+                self.workdir / f"run-{n}.db",
+                outputs,
+                telemetry=telemetry,
+                end_offsets=end_offsets,
+                workers=layout.workers,
+            )
         return summarise(run, skip_first_s=skip_first_s)
 
-    def saturation(self, settings: Settings, frames: int, *, telemetry: bool = False) -> RunResult:
+    def _outputs(self, n: int, member: int | None = None) -> tuple[str, str]:
+        """Fresh results and dead-letter topics for run `n` (of one cluster member)."""
+        suffix = f"{n}" if member is None else f"{n}-{member}"
+        outputs = (f"bench-out-{suffix}", f"bench-dlq-{suffix}")
+        for name in outputs:
+            self.broker.create_topic(name, CAMERAS)
+        return outputs
+
+    def _run_cluster(
+        self,
+        settings: Settings,
+        topic: str,
+        n: int,
+        layout: Layout,
+        *,
+        telemetry: bool,
+        feed: Callable[[], EndOffsets] | None,
+    ) -> FlowRun:
+        """Run `layout.processes` processes of `layout.workers` workers (as `-i`/`-a`
+        start them), which share the cores; each loads its own model first, and `feed`
+        starts once every one is ready. Their runs merged (memory: their peaks added)."""
+        addresses = [f"localhost:{port}" for port in free_ports(layout.processes)]
+        ends_file = self.workdir / f"run-{n}-ends.json"
+        members: list[tuple[dict[str, Any], subprocess.Popen[bytes]]] = []
+        try:
+            for index in range(layout.processes):
+                spec = {
+                    "bootstrap": self.bootstrap,
+                    "topic": topic,
+                    "settings": settings.model_dump(mode="json", exclude_defaults=True),
+                    "database": str(self.workdir / f"run-{n}-{index}.db"),
+                    "outputs": self._outputs(n, index),
+                    "telemetry": telemetry,
+                    "cluster": [addresses, index],
+                    "workers": layout.workers,
+                    "model_scale": self.model_scale,
+                    "ends": str(ends_file) if feed is not None else None,
+                    "ready": str(self.workdir / f"run-{n}-{index}.ready"),
+                    "report": str(self.workdir / f"run-{n}-{index}.json"),
+                    # Its output (the peers' "connection refused, retrying" while the
+                    # cluster forms, warnings), shown if it fails.
+                    "log": str(self.workdir / f"run-{n}-{index}.log"),
+                }
+                members.append((spec, _start_member(spec)))
+            deadline = time.monotonic() + MEMBER_TIMEOUT_S
+            for spec, process in members:
+                while not Path(spec["ready"]).exists():
+                    _check_member(spec, process, deadline, running=True)
+                    time.sleep(0.05)
+            end_offsets = feed() if feed is not None else None
+            runs = []
+            for spec, process in members:
+                while process.poll() is None:
+                    if end_offsets is not None and not ends_file.exists():
+                        ends = end_offsets()  # raises if the publishing process failed
+                        if ends is not None:
+                            write_end_offsets(ends_file, ends)
+                    _check_member(spec, process, deadline)
+                    time.sleep(0.05)
+                _check_member(spec, process, deadline)
+                runs.append(FlowRun(**json.loads(Path(spec["report"]).read_text())))
+        finally:
+            for _, process in members:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        return FlowRun.merged(runs)
+
+    def saturation(
+        self,
+        settings: Settings,
+        frames: int,
+        *,
+        telemetry: bool = False,
+        layout: Layout | None = None,
+    ) -> RunResult:
         """Frames/s over a topic filled before the flow starts."""
         topic = self.topic("bench-sat")
         self.publish(topic, frames)
-        return self.run_flow(settings, topic, telemetry=telemetry)
-
-    def saturation_processes(
-        self, settings: Settings, frames: int, processes: int, *, telemetry: bool = False
-    ) -> RunResult:
-        """Frames/s over a topic filled before the flow starts, read by a cluster of
-        `processes` processes of one worker each (as `-i`/`-a` start them), which share
-        the cores; memory is their peak memory added up."""
-        topic = self.topic("bench-proc")
-        self.publish(topic, frames)
-        n = next(self._ids)
-        addresses = [f"localhost:{port}" for port in free_ports(processes)]
-        members = []
-        for index in range(processes):
-            outputs = (f"bench-out-{n}-{index}", f"bench-dlq-{n}-{index}")
-            for name in outputs:
-                self.broker.create_topic(name, CAMERAS)
-            spec = {
-                "bootstrap": self.bootstrap,
-                "topic": topic,
-                "settings": settings.model_dump(mode="json", exclude_defaults=True),
-                "database": str(self.workdir / f"run-{n}-{index}.db"),
-                "outputs": outputs,
-                "telemetry": telemetry,
-                "cluster": [addresses, index],
-                "model_scale": self.model_scale,
-                "report": str(self.workdir / f"run-{n}-{index}.json"),
-                # Its output (the peers' "connection refused, retrying" while the cluster
-                # forms, warnings), shown if it fails.
-                "log": str(self.workdir / f"run-{n}-{index}.log"),
-            }
-            members.append((spec, _start_member(spec)))
-        runs = []
-        for spec, process in members:
-            try:
-                code = process.wait(timeout=MEMBER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                for _, other in members:
-                    other.kill()
-                raise RuntimeError("a cluster process did not finish in time") from None
-            if code != 0:
-                log = Path(spec["log"]).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"a cluster process failed (exit {code}):\n{log}")
-            runs.append(FlowRun(**json.loads(Path(spec["report"]).read_text())))
-        return summarise(FlowRun.merged(runs))
+        return self.run_flow(settings, topic, telemetry=telemetry, layout=layout)
 
     def paced(
         self, settings: Settings, fps: float, seconds: float, warm_up_s: float = PACED_WARM_UP_S
@@ -497,8 +593,12 @@ class Bench:
         after)."""
         topic = self.topic("bench-paced")
         frames = max(int(fps * (warm_up_s + seconds)), CAMERAS)
-        ends = self.publish_elsewhere(topic, frames, fps)
-        return self.run_flow(settings, topic, end_offsets=ends, skip_first_s=warm_up_s)
+        return self.run_flow(
+            settings,
+            topic,
+            feed=lambda: self.publish_elsewhere(topic, frames, fps),
+            skip_first_s=warm_up_s,
+        )
 
     def naive(self, frames: int) -> dict[str, Any]:
         """The loop a user writes first: consume, decode with Pillow, run the model on one
@@ -658,7 +758,7 @@ def publish_frames(
 
 
 MEMBER_TIMEOUT_S = 600.0
-"""How long a cluster process of `Bench.saturation_processes` may take, start-up included."""
+"""How long the processes of a cluster run may take, start-up included."""
 
 
 def free_ports(count: int) -> list[int]:
@@ -671,6 +771,41 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def write_end_offsets(path: Path, ends: dict[tuple[str, int], int]) -> None:
+    """Write each partition's end offset to `path` as JSON, at once (a reader never sees
+    half of it)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps([[t, p, o] for (t, p), o in ends.items()]))
+    os.replace(partial, path)
+
+
+def end_offsets_from(path: Path) -> EndOffsets:
+    """A call that returns the end offsets written to `path` (None before they are)."""
+    known: dict[tuple[str, int], int] = {}
+
+    def end_offsets() -> dict[tuple[str, int], int] | None:
+        if not known:
+            if not path.exists():
+                return None
+            known.update({(t, int(p)): int(o) for t, p, o in json.loads(path.read_text())})
+        return known
+
+    return end_offsets
+
+
+def _check_member(
+    spec: dict[str, Any], process: subprocess.Popen[bytes], deadline: float, running: bool = False
+) -> None:
+    """Raise if cluster member `process` failed (or, `running`, exited at all) or the
+    run is past `deadline`."""
+    code = process.poll()
+    if code not in (None, 0) or (running and code is not None):
+        log = Path(spec["log"]).read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"a cluster process exited early (exit {code}):\n{log}")
+    if time.monotonic() > deadline:
+        raise RuntimeError("a cluster process did not finish in time")
 
 
 def _start_member(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
@@ -689,7 +824,7 @@ def _start_member(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
 
 
 def member_main() -> None:
-    """One process of `Bench.saturation_processes`: argv holds its spec as JSON; it loads
+    """One process of a cluster run (`Bench.run_flow`): argv holds its spec as JSON; it loads
     the model, runs its part of the cluster and writes its `FlowRun` as JSON to the
     spec's report path."""
     spec = json.loads(sys.argv[1])
@@ -706,7 +841,10 @@ def member_main() -> None:
         Path(spec["database"]),
         (results, letters),
         telemetry=spec["telemetry"],
+        end_offsets=end_offsets_from(Path(spec["ends"])) if spec["ends"] else None,
+        workers=spec["workers"],
         cluster=(addresses, index),
+        on_ready=Path(spec["ready"]).touch,
     )
     # Its own peak: ru_maxrss would keep the benchmark process's, from before the exec.
     run.peak_rss_mb = peak_rss_kib() / 1024.0
@@ -729,12 +867,14 @@ def run(
     console: Console,
     model_scale: int = 1,
     workers: int = DEFAULT_WORKERS,
+    layout: str = "shipped",
 ) -> dict[str, Any]:
-    """Every measurement of the plan; the report as a dict."""
+    """Every measurement of the plan, with `workers` workers laid out as `layout`
+    (`shipped`, `processes` or `threads`); the report as a dict."""
     out.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()  # as `flows.video` does: the naive loop and ceilings share it
     with tempfile.TemporaryDirectory(prefix="streamsight-bench-") as tmp:
-        bench = Bench(Path(tmp), plan.distinct_frames, model_scale, workers)
+        bench = Bench(Path(tmp), plan.distinct_frames, model_scale, layout, workers)
         freeze_startup_heap()  # as `flows.video` does once it is built
         try:
             return _measure(bench, plan, out, console)
@@ -751,56 +891,53 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
 
     adaptive = base.model_copy(update={"batch_adaptive": True})
     log = console.log
-    workers = bench.workers
-    one = (
-        ""
-        if workers == 1
-        else f", the pipeline with 1 worker, as {workers} processes off, on, on and off"
-    )
+    layout = bench.layout
+    other = layout.other()
+    extra = "" if layout.total == 1 else ", the pipeline with 1 worker"
+    if other is not None:
+        extra += f", the same workers as {other.describe()} off, on, on and off"
     log(
-        f"{plan.repeats} rounds of: saturation with {workers} worker(s), telemetry off, on, on"
-        f" and off{one}, the naive loop, the compute-bound ceiling"
+        f"{plan.repeats} rounds of: saturation as {layout.describe()}, telemetry off, on, on"
+        f" and off{extra}, the naive loop, the compute-bound ceiling"
     )
     # The machine's speed drifts between runs by more than the effects measured, so the
     # figures compared are taken in rounds, one of each per round, and each ratio is the
     # median of its rounds' ratios.
+    frames = plan.saturation_frames
     sat_runs: list[RunResult] = []
     tel_runs: list[RunResult] = []
     round_fps: list[float] = []
     paired: list[float] = []
     one_worker_runs: list[RunResult] = []
-    proc_runs: list[RunResult] = []
-    proc_tel_runs: list[RunResult] = []
-    proc_paired: list[float] = []
-    proc_over_threads: list[float] = []
+    other_runs: list[RunResult] = []
+    other_tel_runs: list[RunResult] = []
+    other_paired: list[float] = []
+    other_over: list[float] = []
     naive_runs: list[dict[str, Any]] = []
     ceiling_runs: list[float] = []
-    for _ in range(plan.repeats):
+
+    def off_on_on_off(shape: Layout) -> tuple[list[RunResult], list[RunResult], float]:
         # Off, on, on, off: the order of the runs and a steady drift of the machine's
         # speed cancel out of telemetry's ratio.
-        off = [bench.saturation(base, plan.saturation_frames)]
-        on = [bench.saturation(base, plan.saturation_frames, telemetry=True) for _ in "ab"]
-        off.append(bench.saturation(base, plan.saturation_frames))
+        off = [bench.saturation(base, frames, layout=shape)]
+        on = [bench.saturation(base, frames, telemetry=True, layout=shape) for _ in "ab"]
+        off.append(bench.saturation(base, frames, layout=shape))
+        return off, on, sum(r.fps for r in on) / sum(r.fps for r in off)
+
+    for _ in range(plan.repeats):
+        off, on, ratio = off_on_on_off(layout)
         sat_runs += off
         tel_runs += on
         round_fps.append(statistics.fmean(r.fps for r in off))
-        paired.append(sum(r.fps for r in on) / sum(r.fps for r in off))
-        if workers != 1:
-            bench.workers = 1
-            try:
-                one_worker_runs.append(bench.saturation(base, plan.saturation_frames))
-            finally:
-                bench.workers = workers
-            # The same workers as processes of one worker each, which share no
-            # interpreter lock: off, on, on, off again.
-            frames = plan.saturation_frames
-            p_off = [bench.saturation_processes(base, frames, workers)]
-            p_on = [bench.saturation_processes(base, frames, workers, telemetry=True) for _ in "ab"]
-            p_off.append(bench.saturation_processes(base, frames, workers))
-            proc_runs += p_off
-            proc_tel_runs += p_on
-            proc_paired.append(sum(r.fps for r in p_on) / sum(r.fps for r in p_off))
-            proc_over_threads.append(statistics.fmean(r.fps for r in p_off) / round_fps[-1])
+        paired.append(ratio)
+        if layout.total > 1:
+            one_worker_runs.append(bench.saturation(base, frames, layout=Layout(1, 1)))
+        if other is not None:
+            off, on, ratio = off_on_on_off(other)
+            other_runs += off
+            other_tel_runs += on
+            other_paired.append(ratio)
+            other_over.append(statistics.fmean(r.fps for r in off) / round_fps[-1])
         naive_runs.append(bench.naive(plan.naive_frames))
         ceiling_runs.append(bench.compute_ceiling(default_size, plan.ceiling_seconds))
     capacity = statistics.median(r.fps for r in sat_runs)
@@ -907,10 +1044,11 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(),
             "torch_threads_per_worker": (
-                threads_per_worker(workers) if bench.inferencer.device.type == "cpu" else None
+                threads_per_worker(layout.total) if bench.inferencer.device.type == "cpu" else None
             ),
         },
-        "workers": workers,
+        "workers": layout.total,
+        "layout": asdict(layout) | {"name": layout.name},
         "settings": {
             "batch_max_size": default_size,
             "batch_max_delay_ms": base.batch_max_delay_ms,
@@ -930,25 +1068,31 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
                 if one_worker_runs
                 else None
             ),
-            "processes": (
-                {
-                    "count": workers,
-                    "saturation": [r.as_dict() for r in proc_runs],
-                    "telemetry_on": [r.as_dict() for r in proc_tel_runs],
-                    "frames_per_s": round(statistics.median(r.fps for r in proc_runs), 1),
-                    "over_threads": round(statistics.median(proc_over_threads), 3),
-                    "over_threads_rounds": [round(r, 3) for r in proc_over_threads],
-                    "telemetry_on_over_off": round(statistics.median(proc_paired), 3),
-                    "telemetry_rounds": [round(r, 3) for r in proc_paired],
-                }
-                if proc_runs
-                else None
-            ),
             "offered_fps": round(rate, 1),
             "latency_at_70pct": at_rate.as_dict(),
+            # The dataflow's own processes (in-process runs share the benchmark's).
+            "dataflow_peak_rss_mb": (
+                round(max(r.peak_rss_mb for r in sat_runs + tel_runs), 1)
+                if layout.processes > 1
+                else None
+            ),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "gpu_utilisation_pct": gpu_busy,
         },
+        "other_layout": (
+            {
+                "layout": asdict(other) | {"name": other.name},
+                "saturation": [r.as_dict() for r in other_runs],
+                "telemetry_on": [r.as_dict() for r in other_tel_runs],
+                "frames_per_s": round(statistics.median(r.fps for r in other_runs), 1),
+                "over_pipeline": round(statistics.median(other_over), 3),
+                "over_pipeline_rounds": [round(r, 3) for r in other_over],
+                "telemetry_on_over_off": round(statistics.median(other_paired), 3),
+                "telemetry_rounds": [round(r, 3) for r in other_paired],
+            }
+            if other is not None
+            else None
+        ),
         "naive": {"runs": naive_runs, "frames_per_s": round(naive_fps, 1)},
         "ceilings": {"compute_bound_frames_per_s": ceiling, "stages": stages},
         "sweeps": {
@@ -1037,13 +1181,10 @@ def _print(report: dict[str, Any], console: Console) -> None:
     ceiling = report["ceilings"]["compute_bound_frames_per_s"]
     lat = p["latency_at_70pct"]
     mid = report["adaptive"]["at_70pct_median_ms"]
-    workers = report["workers"]
+    layout = report["layout"]
+    shape = Layout(layout["processes"], layout["workers"]).describe()
     rows = [
-        (
-            f"pipeline at saturation, {workers} worker{'s' if workers > 1 else ''}, frames/s",
-            f"{p['frames_per_s']:.0f} ({sat})",
-            "",
-        ),
+        (f"pipeline at saturation, {shape}, frames/s", f"{p['frames_per_s']:.0f} ({sat})", ""),
         ("CPU utilisation", f"{p['saturation'][0]['cpu_utilisation']:.0%}", ""),
     ]
     if p.get("gpu_utilisation_pct") is not None:
@@ -1063,29 +1204,39 @@ def _print(report: dict[str, Any], console: Console) -> None:
         rows.append(
             ("pipeline at saturation, 1 worker", f"{p['one_worker_frames_per_s']:.0f} ({one})", "")
         )
-    procs = p.get("processes")
-    if procs:
-        runs = ", ".join(f"{x['frames_per_s']:.0f}" for x in procs["saturation"])
-        rounds = ", ".join(f"{v:.2f}" for v in procs["over_threads_rounds"])
-        memory = max(x["peak_rss_mb"] for x in procs["saturation"])
+    other = report.get("other_layout")
+    if other:
+        runs = ", ".join(f"{x['frames_per_s']:.0f}" for x in other["saturation"])
+        rounds = ", ".join(f"{v:.2f}" for v in other["over_pipeline_rounds"])
+        name = other["layout"]["name"]
         rows += [
             (
-                f"the same as {procs['count']} processes of 1 worker, frames/s",
-                f"{procs['frames_per_s']:.0f} ({runs}); peak RSS {memory:.0f} MiB together",
+                "the same workers as"
+                f" {Layout(other['layout']['processes'], other['layout']['workers']).describe()},"
+                " frames/s",
+                f"{other['frames_per_s']:.0f} ({runs})",
                 "",
             ),
             (
-                "processes / threads (median of rounds)",
-                f"{procs['over_threads']:.2f} ({rounds})",
+                f"{name} / {layout['name']} (median of rounds)",
+                f"{other['over_pipeline']:.2f} ({rounds})",
                 "",
             ),
             (
-                "telemetry on / off with processes",
-                f"{procs['telemetry_on_over_off']:.2f} (rounds"
-                f" {', '.join(f'{v:.2f}' for v in procs['telemetry_rounds'])})",
+                f"telemetry on / off as {name}",
+                f"{other['telemetry_on_over_off']:.2f} (rounds"
+                f" {', '.join(f'{v:.2f}' for v in other['telemetry_rounds'])})",
                 "",
             ),
         ]
+    if p["dataflow_peak_rss_mb"] is not None:
+        rows.append(
+            (
+                "peak RSS of the dataflow's processes together",
+                f"{p['dataflow_peak_rss_mb']:.0f} MiB",
+                "",
+            )
+        )
     rows += [
         ("peak RSS, benchmark process (broker and all topics)", f"{p['peak_rss_mb']:.0f} MiB", ""),
         (
@@ -1222,7 +1373,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--workers",
         type=int,
         default=DEFAULT_WORKERS,
-        help=f"Bytewax worker threads of the dataflow (default {DEFAULT_WORKERS})",
+        help=f"Bytewax workers of the dataflow, in all (default {DEFAULT_WORKERS})",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("shipped", "processes", "threads"),
+        default="shipped",
+        help="the workers as single-worker processes or as threads of one process;"
+        " shipped (the default): processes on CPU, threads on a GPU, as the image runs them",
     )
     parser.add_argument(
         "--no-backlog", action="store_true", help="skip the peak-RSS runs (minutes)"
@@ -1239,4 +1397,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             saturation_frames=args.frames,
             naive_frames=max(plan.naive_frames, args.frames // 4),
         )
-    return run(plan, args.out, Console(stderr=True), args.model_scale, args.workers)
+    return run(plan, args.out, Console(stderr=True), args.model_scale, args.workers, args.layout)

@@ -16,21 +16,26 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert (tmp_path / "pipeline.json").is_file()
     for name in ("batch_size.png", "max_delay.png", "offered_load.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # On CPU the workers run as the image runs them: single-worker processes, one cluster.
+    assert report["layout"] == {"processes": 2, "workers": 1, "name": "processes"}
     pipeline = report["pipeline"]
     assert len(pipeline["saturation"]) == 4 and len(pipeline["telemetry_on"]) == 4
     assert len(pipeline["telemetry_rounds"]) == 2
-    for run in pipeline["saturation"] + pipeline["telemetry_on"]:
-        assert run["frames"] > 0 and run["frames_per_s"] > 0
-        assert run["cpu_utilisation"] > 0 and run["peak_rss_mb"] > 0
-    assert set(pipeline["latency_at_70pct"]["latency_ms"]) == {"p50", "p99"}
-    # The same workers as a cluster of single-worker processes read every frame once.
-    processes = pipeline["processes"]
-    assert processes["count"] == report["workers"] == 2
-    assert len(processes["saturation"]) == 4 and len(processes["telemetry_on"]) == 4
-    assert len(processes["over_threads_rounds"]) == len(processes["telemetry_rounds"]) == 2
-    for run in processes["saturation"] + processes["telemetry_on"]:
+    assert len(pipeline["one_worker"]) == 2
+    # Every frame is read and stored once across the processes.
+    for run in pipeline["saturation"] + pipeline["telemetry_on"] + pipeline["one_worker"]:
         assert run["frames"] == 96 and run["frames_per_s"] > 0
-    for run in processes["telemetry_on"]:
+        assert run["cpu_utilisation"] > 0 and run["peak_rss_mb"] > 0
+    assert pipeline["dataflow_peak_rss_mb"] > 0
+    assert set(pipeline["latency_at_70pct"]["latency_ms"]) == {"p50", "p99"}
+    # The same workers as threads of one process, in the same rounds.
+    other = report["other_layout"]
+    assert other["layout"] == {"processes": 1, "workers": 2, "name": "threads"}
+    assert len(other["saturation"]) == 4 and len(other["telemetry_on"]) == 4
+    assert len(other["over_pipeline_rounds"]) == len(other["telemetry_rounds"]) == 2
+    for run in other["saturation"] + other["telemetry_on"]:
+        assert run["frames"] == 96 and run["frames_per_s"] > 0
+    for run in other["telemetry_on"]:
         assert run["spans_exported"] >= 5 * run["frames"]
     assert len(report["naive"]["runs"]) == 2
     ceiling = report["ceilings"]["compute_bound_frames_per_s"]
