@@ -113,8 +113,16 @@ def test_dataflow_and_camera_settings(
     assert settings.sink.startswith("postgresql://") and settings.brokers == "kafka:9092"
     recovery = settings.recovery_dir
     assert any(v.endswith(f":{recovery}") for v in services["streamsight"]["volumes"])
-    assert services["streamsight"]["ports"] == ["9464:9464"]
     assert dataflow["STREAMSIGHT_METRICS_PORT"] == "9464"
+    # On CPU one single-worker process per core, each publishing its own metrics port;
+    # on the GPU one process with worker threads.
+    command = services["streamsight"]["command"]
+    assert command[:3] == ["python", "-m", "flows.processes"]
+    processes = int(command[command.index("-n") + 1])
+    assert services["streamsight"]["ports"] == [f"{9464 + i}:{9464 + i}" for i in range(processes)]
+    gpu = services["streamsight-gpu"]["command"]
+    assert gpu[:4] == ["python", "-m", "bytewax.run", "flows.video"] and "-w" in gpu
+    assert services["streamsight-gpu"]["ports"] == ["9464:9464"]
     for name in ("streamsight", "camera"):
         environment = services[name]["environment"]
         assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
@@ -160,3 +168,12 @@ def test_prometheus_scrapes_services_that_exist(compose: dict[str, Any]) -> None
     }
     unknown = hosts - compose["services"].keys() - {"localhost"}
     assert not unknown, f"scrape targets with no compose service: {unknown}"
+    # Every process of the CPU dataflow service is scraped: its metrics and Bytewax's API.
+    command = compose["services"]["streamsight"]["command"]
+    processes = range(int(command[command.index("-n") + 1]))
+    jobs = {
+        job["job_name"]: [t for static in job["static_configs"] for t in static["targets"]]
+        for job in config["scrape_configs"]
+    }
+    assert jobs["streamsight"] == [f"streamsight:{9464 + i}" for i in processes]
+    assert jobs["bytewax"] == [f"streamsight:{3030 + i}" for i in processes]

@@ -133,7 +133,7 @@ def test_every_container_meets_the_restricted_pod_security_level(
 def test_statefulset_is_wired_the_way_bytewax_run_expects(
     overlay: tuple[str, list[Resource]],
 ) -> None:
-    _, resources = overlay
+    name, resources = overlay
     statefulset = one(resources, "StatefulSet")
     service = [r for r in resources if r["kind"] == "Service"]
     headless = [s for s in service if s["spec"].get("clusterIP") == "None"]
@@ -146,7 +146,6 @@ def test_statefulset_is_wired_the_way_bytewax_run_expects(
     assert headless[0]["spec"]["selector"].items() <= labels.items()
     settings = settings_of(resources)
     assert int(settings["STREAMSIGHT_REPLICAS"]) == statefulset["spec"]["replicas"]
-    assert int(settings["STREAMSIGHT_RECOVERY_PARTITIONS"]) >= statefulset["spec"]["replicas"]
     assert settings["STREAMSIGHT_BROKERS"]
     assert settings["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http")
 
@@ -164,7 +163,16 @@ def test_statefulset_is_wired_the_way_bytewax_run_expects(
         assert any(ref.startswith("streamsight-settings") for ref in refs)
 
     (dataflow,) = spec["containers"]
-    assert dataflow["command"] == ["python", "-m", "bytewax.run", "flows.video", "-w", "2"]
+    # On CPU one single-worker process per pod (threads would share the interpreter
+    # lock); on a GPU two worker threads per process share its CUDA context. Either way
+    # the cluster runs 4 workers, one per input partition, within the recovery partitions.
+    workers = {"cpu": 1, "gpu": 2}[name]
+    command = ["python", "-m", "bytewax.run", "flows.video", "-w", str(workers)]
+    assert dataflow["command"] == command
+    assert statefulset["spec"]["replicas"] * workers == 4
+    assert int(settings["STREAMSIGHT_RECOVERY_PARTITIONS"]) >= 4
+    if name == "cpu":
+        assert dataflow["resources"]["requests"]["cpu"] == "1"
     secret = env_of(dataflow)["STREAMSIGHT_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert secret["name"] and secret["key"]
     ports = {p["name"]: p["containerPort"] for p in dataflow["ports"]}

@@ -151,7 +151,9 @@ def test_kubernetes_config() -> None:
 def test_compose_config_targets() -> None:
     document = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     targets = {c["job_name"]: t for c in document["scrape_configs"] for t in c["static_configs"]}
-    assert targets["streamsight"]["targets"] == ["streamsight:9464"]
+    # Two single-worker processes in the compose service: one target each.
+    assert targets["streamsight"]["targets"] == ["streamsight:9464", "streamsight:9465"]
+    assert targets["bytewax"]["targets"] == ["streamsight:3030", "streamsight:3031"]
     assert targets["jaeger-spanmetrics"]["targets"] == ["jaeger:8889"]
 
 
