@@ -75,7 +75,7 @@ EndOffsets = Callable[[], dict[tuple[str, int], int] | None]
 
 
 @dataclass(frozen=True)
-class Layout:
+class WorkerLayout:
     """How the dataflow's workers run: `processes` processes (a Bytewax cluster on
     loopback, as `python -m flows.processes` starts it) of `workers` worker threads."""
 
@@ -99,19 +99,19 @@ class Layout:
             f" {self.workers} worker{'s' if self.workers > 1 else ''}"
         )
 
-    def other(self) -> Layout | None:
+    def other(self) -> WorkerLayout | None:
         """The same workers the other way (threads of one process, or single-worker
         processes); None for a single worker."""
         if self.total == 1:
             return None
-        return Layout(1, self.total) if self.processes > 1 else Layout(self.total, 1)
+        return WorkerLayout(1, self.total) if self.processes > 1 else WorkerLayout(self.total, 1)
 
 
-def shipped_layout(workers: int, device: str) -> Layout:
+def shipped_layout(workers: int, device: str) -> WorkerLayout:
     """The layout the container image runs `workers` workers in: single-worker processes
     on CPU (they share no interpreter lock), one process of worker threads on a GPU (they
     share one CUDA context)."""
-    return Layout(workers, 1) if device == "cpu" else Layout(1, workers)
+    return WorkerLayout(workers, 1) if device == "cpu" else WorkerLayout(1, workers)
 
 
 @dataclass
@@ -361,7 +361,8 @@ def summarise(run: FlowRun, *, skip_first_s: float = 0.0) -> RunResult:
     first_out = min(r[2] for r in rows)
     last_out = max(r[2] for r in rows)
     counted = sum(1 for r in rows if r[2] > first_out)
-    if counted:
+    # A window under 1 ms (a run so short that each process wrote once) would give no rate.
+    if counted and last_out - first_out >= 1_000_000:
         seconds = (last_out - first_out) / 1e9
     else:
         counted, seconds = len(rows), max((last_out - min(r[1] for r in rows)) / 1e9, 1e-9)
@@ -389,10 +390,10 @@ class Bench:
         workdir: Path,
         distinct_frames: int,
         model_scale: int = 1,
-        layout: Layout | str = "shipped",
+        layout: WorkerLayout | str = "shipped",
         workers: int = 1,
     ) -> None:
-        """`layout`: a `Layout`, or `shipped`, `processes` or `threads` for `workers`
+        """`layout`: a `WorkerLayout`, or `shipped`, `processes` or `threads` for `workers`
         workers that way (`shipped`: as the image runs them on this device)."""
         self.workdir = workdir
         self.model_scale = model_scale
@@ -401,10 +402,10 @@ class Bench:
         if layout == "shipped":
             layout = shipped_layout(workers, self.inferencer.device.type)
         elif layout == "processes":
-            layout = Layout(workers, 1)
+            layout = WorkerLayout(workers, 1)
         elif layout == "threads":
-            layout = Layout(1, workers)
-        if not isinstance(layout, Layout):
+            layout = WorkerLayout(1, workers)
+        if not isinstance(layout, WorkerLayout):
             raise ValueError(f"unknown layout {layout!r}")
         self.layout = layout
         per_camera = max(distinct_frames // CAMERAS, 1)
@@ -477,7 +478,7 @@ class Bench:
         telemetry: bool = False,
         feed: Callable[[], EndOffsets] | None = None,
         skip_first_s: float = 0.0,
-        layout: Layout | None = None,
+        layout: WorkerLayout | None = None,
     ) -> RunResult:
         """Run the dataflow (in `layout`, the bench's by default) over `topic` to its end,
         or, with `feed`, to the end offsets that the call `feed` returns once they are
@@ -515,7 +516,7 @@ class Bench:
         settings: Settings,
         topic: str,
         n: int,
-        layout: Layout,
+        layout: WorkerLayout,
         *,
         telemetry: bool,
         feed: Callable[[], EndOffsets] | None,
@@ -576,7 +577,7 @@ class Bench:
         frames: int,
         *,
         telemetry: bool = False,
-        layout: Layout | None = None,
+        layout: WorkerLayout | None = None,
     ) -> RunResult:
         """Frames/s over a topic filled before the flow starts."""
         topic = self.topic("bench-sat")
@@ -916,7 +917,7 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     naive_runs: list[dict[str, Any]] = []
     ceiling_runs: list[float] = []
 
-    def off_on_on_off(shape: Layout) -> tuple[list[RunResult], list[RunResult], float]:
+    def off_on_on_off(shape: WorkerLayout) -> tuple[list[RunResult], list[RunResult], float]:
         # Off, on, on, off: the order of the runs and a steady drift of the machine's
         # speed cancel out of telemetry's ratio.
         off = [bench.saturation(base, frames, layout=shape)]
@@ -931,7 +932,7 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
         round_fps.append(statistics.fmean(r.fps for r in off))
         paired.append(ratio)
         if layout.total > 1:
-            one_worker_runs.append(bench.saturation(base, frames, layout=Layout(1, 1)))
+            one_worker_runs.append(bench.saturation(base, frames, layout=WorkerLayout(1, 1)))
         if other is not None:
             off, on, ratio = off_on_on_off(other)
             other_runs += off
@@ -1182,7 +1183,7 @@ def _print(report: dict[str, Any], console: Console) -> None:
     lat = p["latency_at_70pct"]
     mid = report["adaptive"]["at_70pct_median_ms"]
     layout = report["layout"]
-    shape = Layout(layout["processes"], layout["workers"]).describe()
+    shape = WorkerLayout(layout["processes"], layout["workers"]).describe()
     rows = [
         (f"pipeline at saturation, {shape}, frames/s", f"{p['frames_per_s']:.0f} ({sat})", ""),
         ("CPU utilisation", f"{p['saturation'][0]['cpu_utilisation']:.0%}", ""),
@@ -1209,11 +1210,10 @@ def _print(report: dict[str, Any], console: Console) -> None:
         runs = ", ".join(f"{x['frames_per_s']:.0f}" for x in other["saturation"])
         rounds = ", ".join(f"{v:.2f}" for v in other["over_pipeline_rounds"])
         name = other["layout"]["name"]
+        other_shape = WorkerLayout(other["layout"]["processes"], other["layout"]["workers"])
         rows += [
             (
-                "the same workers as"
-                f" {Layout(other['layout']['processes'], other['layout']['workers']).describe()},"
-                " frames/s",
+                f"the same workers as {other_shape.describe()}, frames/s",
                 f"{other['frames_per_s']:.0f} ({runs})",
                 "",
             ),
