@@ -76,3 +76,12 @@ def frame_ids(db: Path) -> set[str]:
     """Every frame id in the sink."""
     with closing(sqlite3.connect(db, timeout=10)) as conn:
         return {frame_id for (frame_id,) in conn.execute("SELECT frame_id FROM detections")}
+
+
+def assert_stored_once(db: Path, expected: set[str]) -> None:
+    """The sink holds every frame of `expected` exactly once, nothing else, and the
+    topic's planted dead letters."""
+    rows, distinct, letters = stored(db)
+    assert rows == distinct == len(expected)
+    assert frame_ids(db) == expected
+    assert letters == DEAD_LETTERS

@@ -21,7 +21,7 @@ import pytest
 
 from flows.pipeline_bench import free_ports
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
-from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic, frame_ids, stored
+from tests.integration.kafka_frames import assert_stored_once, fill_topic, stored
 
 pytestmark = pytest.mark.integration
 
@@ -191,10 +191,7 @@ def test_two_pods_form_one_cluster_and_store_every_frame_once(
         wait_all(processes, logs)
 
     db = Path(settings["STREAMSIGHT_SINK"].removeprefix("sqlite:///"))
-    rows, distinct, letters = stored(db)
-    assert rows == distinct == len(expected)
-    assert frame_ids(db) == expected
-    assert letters == DEAD_LETTERS
+    assert_stored_once(db, expected)
     # One cluster, not two copies of the flow each reading everything: every frame was
     # published exactly once (two independent flows would publish each twice).
     published = [
@@ -240,10 +237,7 @@ def test_rescale_from_two_to_three_pods_resumes_exactly_once(
     with start_cluster(pods, settings, logs) as processes:
         wait_all(processes, logs)
 
-    rows, distinct, letters = stored(db)
-    assert rows == distinct == len(expected)
-    assert frame_ids(db) == expected
-    assert letters == DEAD_LETTERS
+    assert_stored_once(db, expected)
     # It resumed from a snapshot, not from the start of the topic: the second run
     # published fewer frames than the whole input.
     published_after = len(read_topic(kafka_config, output_topic, expected=published_before))

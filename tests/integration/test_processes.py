@@ -15,8 +15,8 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import pytest
 from flows.pipeline_bench import free_ports
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
 from tests.fixtures.otlp import OtlpServer
-from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic, frame_ids, stored
+from tests.integration.kafka_frames import assert_stored_once, fill_topic, stored
 
 pytestmark = pytest.mark.integration
 
@@ -189,10 +189,7 @@ def test_two_processes_store_every_frame_once_each_with_its_own_ports(
     assert launcher.returncode == 0, output[-4000:]
 
     db = Path(topics["STREAMSIGHT_SINK"].removeprefix("sqlite:///"))
-    rows, distinct, letters = stored(db)
-    assert rows == distinct == len(expected)
-    assert frame_ids(db) == expected
-    assert letters == DEAD_LETTERS
+    assert_stored_once(db, expected)
     # Every process served its own metrics port; Bytewax's API ports while it ran.
     assert set(metrics) <= served, (served, output[-3000:])
     assert set(api) <= served, (served, output[-3000:])
@@ -209,9 +206,12 @@ def test_two_processes_store_every_frame_once_each_with_its_own_ports(
     assert not list((recovery / "process-1").glob("part-*.sqlite3"))
 
 
-def test_sigterm_to_the_launcher_stops_every_process(
+@contextmanager
+def serving_launcher(
     topics: dict[str, str], tmp_path: Path
-) -> None:
+) -> Iterator[tuple[subprocess.Popen[bytes], list[int], Path]]:
+    """A tailing 2-process launcher once both processes serve metrics: the launcher, its
+    children's pids and its log. Killed on the way out if still running."""
     env = launcher_env(topics, tmp_path, STREAMSIGHT_STOP_AT_END="false")
     log = tmp_path / "launcher.log"
     launcher = launch(env, log, "-n", "2")
@@ -219,12 +219,19 @@ def test_sigterm_to_the_launcher_stops_every_process(
         pids = children_of(log, 2, launcher)
         port = int(env["STREAMSIGHT_METRICS_PORT"])
         wait_ports([port, port + 1], launcher, log)
-        launcher.send_signal(signal.SIGTERM)
-        code = launcher.wait(timeout=30)
+        yield launcher, pids, log
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait(timeout=30)
+
+
+def test_sigterm_to_the_launcher_stops_every_process(
+    topics: dict[str, str], tmp_path: Path
+) -> None:
+    with serving_launcher(topics, tmp_path) as (launcher, pids, _):
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=30)
     assert code == 128 + signal.SIGTERM
     assert not [pid for pid in pids if alive(pid)]
 
@@ -232,19 +239,9 @@ def test_sigterm_to_the_launcher_stops_every_process(
 def test_a_failed_process_stops_the_others_and_sets_the_exit_code(
     topics: dict[str, str], tmp_path: Path
 ) -> None:
-    env = launcher_env(topics, tmp_path, STREAMSIGHT_STOP_AT_END="false")
-    log = tmp_path / "launcher.log"
-    launcher = launch(env, log, "-n", "2")
-    try:
-        pids = children_of(log, 2, launcher)
-        port = int(env["STREAMSIGHT_METRICS_PORT"])
-        wait_ports([port, port + 1], launcher, log)
+    with serving_launcher(topics, tmp_path) as (launcher, pids, log):
         os.kill(pids[1], signal.SIGKILL)
         code = launcher.wait(timeout=30)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(timeout=30)
     # The killed process's code; its peer, losing the connection, fails too (exit 1),
     # and wins when both ended before the launcher looked.
     assert code in (128 + signal.SIGKILL, 1), log.read_text(errors="replace")[-3000:]
@@ -292,10 +289,7 @@ def test_a_rescale_from_two_to_three_processes_resumes_exactly_once(
             launcher.kill()
             launcher.wait(timeout=30)
     assert code == 0, log.read_text(errors="replace")[-4000:]
-    rows, distinct, letters = stored(db)
-    assert rows == distinct == len(expected)
-    assert frame_ids(db) == expected
-    assert letters == DEAD_LETTERS
+    assert_stored_once(db, expected)
     # It resumed from a snapshot, not from the start of the topic.
     published_after = len(read_topic(kafka_config, output_topic, expected=published_before))
     assert published_after - published_before < len(expected)
