@@ -46,14 +46,14 @@ from flows.settings import Settings
 from operators.decode import FrameLimits, decode_pixels
 from operators.detector import DEFAULT_WIDTHS, LoadedDetector, TinyDet, load_detector
 from operators.frames import FrameResult
-from operators.inference import Inferencer, threads_per_worker
+from operators.inference import Inferencer
 from operators.ingest import frame_source
 from operators.kafka_io import CheckedProducer, client_config, producer_config
 from operators.metrics import PipelineMetrics
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.span_export import EncodingExporter
 from operators.tracing import Tracing, setup_tracing, write_tracer
-from operators.workers import freeze_startup_heap, keep_freed_memory
+from operators.workers import freeze_startup_heap, keep_freed_memory, threads_per_worker
 
 TARGETS = {
     "pipeline_over_ceiling": 0.85,

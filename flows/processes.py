@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from flows.cluster import DEFAULT_PORT, prepare_recovery
 from flows.settings import Settings
+from operators.workers import cores, threads_per_worker
 
 DEFAULT_API_PORT = 3030
 """Bytewax's dataflow API port when `BYTEWAX_DATAFLOW_API_PORT` is unset."""
@@ -43,14 +44,6 @@ GRACE_S = 20.0
 """How long children get to exit after SIGTERM before they are killed."""
 HOST = "127.0.0.1"
 FLOW = "flows.video"
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -73,9 +66,7 @@ class Layout:
 
     def model_threads(self) -> int:
         """The model's CPU threads per worker."""
-        if self.cpu_threads > 0:
-            return self.cpu_threads
-        return max(1, self.cores // (self.processes * self.workers))
+        return threads_per_worker(self.processes * self.workers, self.cpu_threads, self.cores)
 
     def recovery(self, index: int) -> Path:
         """The recovery directory of process `index`."""
@@ -261,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         layout = layout_for(
-            args.processes, args.workers, args.peer_port, settings, os.environ, usable_cores()
+            args.processes, args.workers, args.peer_port, settings, os.environ, cores()
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

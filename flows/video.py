@@ -19,7 +19,7 @@ from flows.recovery import enable_recovery
 from flows.settings import load_settings, parse_size
 from operators.frames import DeadLetter, FrameResult
 from operators.gpu import GpuSampler
-from operators.inference import shared_inferencer, threads_per_worker
+from operators.inference import shared_inferencer
 from operators.ingest import frame_source
 from operators.kafka_io import client_config, producer_config
 from operators.metrics import LagTracker, PipelineMetrics, pipeline_metrics, start_metrics_server
@@ -27,7 +27,12 @@ from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import StoreError, open_store
 from operators.tally import Tally
 from operators.tracing import setup_tracing, write_tracer
-from operators.workers import freeze_startup_heap, keep_freed_memory, workers_per_process
+from operators.workers import (
+    freeze_startup_heap,
+    keep_freed_memory,
+    threads_per_worker,
+    workers_per_process,
+)
 
 log = logging.getLogger("flows.video")
 T = TypeVar("T")

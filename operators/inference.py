@@ -4,14 +4,13 @@ The model is loaded once per process and shared by its workers. Frames travel as
 and become float on the device (4x less to copy); on CUDA the host buffer is pinned, the
 copy is non-blocking, each worker thread has its own stream, and the model runs in
 reduced precision. On CPU the cores are shared among the workers: each worker's forward
-pass runs on cores / workers threads, so workers that infer at once do not run more
-threads than there are cores.
+pass runs on cores / workers threads (`operators.workers.threads_per_worker`), so workers
+that infer at once do not run more threads than there are cores.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -42,20 +41,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return PRECISIONS[name]
-
-
-def cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_worker(workers: int, setting: int = 0) -> int:
-    """The model's CPU threads for each of `workers` worker threads: `setting` when
-    given (> 0), else the cores shared among the workers (at least 1)."""
-    return setting if setting > 0 else max(1, cores() // max(workers, 1))
 
 
 @dataclass

@@ -8,7 +8,8 @@ share the model's work as evenly as Bytewax shares the Kafka partitions between 
 `freeze_startup_heap` keeps the interpreter's full garbage collections, which hold the
 interpreter lock every worker shares, from walking the objects of start-up, and
 `keep_freed_memory` keeps glibc's malloc from handing the forward passes' buffers back to
-the kernel after every batch.
+the kernel after every batch. `threads_per_worker` shares the cores among the workers'
+forward passes (without importing torch, so the process launcher can use it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, setting: int = 0, available: int | None = None) -> int:
+    """The model's CPU threads for each of `workers` workers: `setting` when given (> 0),
+    else the cores (`available`, by default this process's) shared among the workers
+    (at least 1)."""
+    if setting > 0:
+        return setting
+    return max(1, (cores() if available is None else available) // max(workers, 1))
 
 
 MMAP_THRESHOLD_BYTES = 32 << 20
