@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
+from functools import lru_cache
 from struct import pack
 from typing import Any
 
@@ -174,18 +175,35 @@ def _any_value(value: Any) -> bytes | None:
     return None
 
 
+@lru_cache(maxsize=1024)
+def _key_field(key: str) -> bytes:
+    """The `key` field (1) of a KeyValue; nothing for an empty key, as protobuf writes it."""
+    name = key.encode("utf-8", "replace")
+    return b"".join((b"\x0a", _varint(len(name)), name)) if name else b""
+
+
 def _attribute_entry(tag: int, key: str, value: Any) -> bytes:
     """The attribute `key` = `value` as an `attributes` entry under `tag` (of a Span or a
     Span.Link), in protobuf's wire format; types other than bool, str, int and float
     are written as their string, as protobuf serialises them."""
-    encoded = _any_value(value)
-    if encoded is None:
+    if type(value) is str:  # the common case, written in one go
+        text = value.encode("utf-8", "replace")
+        short = _SHORT_VARINTS
+        head = _key_field(key)
+        size = len(text)
+        any_size = 1 + (1 if size < 0x80 else 2) + size  # an AnyValue's string_value
+        pair_size = len(head) + 1 + (1 if any_size < 0x80 else 2) + any_size
+        if pair_size < _SHORT:
+            return b"".join((
+                _TAGS[tag], short[pair_size], head, b"\x12", short[any_size], b"\x0a",
+                short[size], text,
+            ))  # fmt: skip
+    encoded_value = _any_value(value)
+    if encoded_value is None:
         owner = PBSpan if tag == _SPAN_ATTRIBUTE else _LINK
         return owner(attributes=[KeyValue(key=key, value=_value(value))]).SerializeToString()
-    name = key.encode("utf-8", "replace")
-    head = b"".join((b"\x0a", _varint(len(name)), name)) if name else b""
-    pair = b"".join((head, b"\x12", _varint(len(encoded)), encoded))
-    return b"".join((bytes((tag,)), _varint(len(pair)), pair))
+    pair = b"".join((_key_field(key), b"\x12", _varint(len(encoded_value)), encoded_value))
+    return b"".join((_TAGS[tag], _varint(len(pair)), pair))
 
 
 def _ids(context: Ctx) -> bytes:
@@ -274,15 +292,21 @@ class RecordEncoder:
         """A span as a `spans` entry of ScopeSpans (tag, length, the Span message), from
         its contexts, name and kind (`head`), times, attributes and links (`body`, encoded
         entries) and status. Fields go in the order protobuf writes them."""
-        parts = [_ids(context)]
+        trace_id = context[0]
         if context[3]:
             key = (PBSpan, "trace_state", context[3])
-            parts.append(self._cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3])))
-        if parent is not None:
-            parts.append(pack(">BBQ", 0x22, 8, parent[1]))
-        parts += (head, pack("<BQBQ", 0x39, start, 0x41, end), *body, status)
-        parts.append(_FLAGS_REMOTE if parent is not None and parent[4] else _FLAGS_LOCAL)
-        span = b"".join(parts)
+            state = self._cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3]))
+            ids = b"".join((_ids(context), state))
+            if parent is not None:
+                ids += pack(">BBQ", 0x22, 8, parent[1])
+        elif parent is not None:  # a frame's span: ids and parent id in one go
+            high, low = trace_id >> 64, trace_id & _LOW64
+            ids = pack(">BBQQBBQBBQ", 0x0A, 16, high, low, 0x12, 8, context[1], 0x22, 8, parent[1])
+        else:
+            ids = _ids(context)
+        times = pack("<BQBQ", 0x39, start, 0x41, end)
+        flags = _FLAGS_REMOTE if parent is not None and parent[4] else _FLAGS_LOCAL
+        span = b"".join((ids, head, times, *body, status, flags))
         return b"".join((b"\x12", _varint(len(span)), span))
 
     def _span(self, record: SpanRecord) -> bytes:
@@ -441,16 +465,25 @@ class RecordEncoder:
         return ExportTraceServiceRequest.FromString(self.encode(records))
 
 
-def _varint(value: int) -> bytes:
-    """`value` (>= 0) as a protobuf varint."""
-    if value < 0x80:
-        return bytes((value,))
+def _long_varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf varint, built byte by byte."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SHORT = 1 << 14
+_SHORT_VARINTS = tuple(_long_varint(value) for value in range(_SHORT))
+"""The varints of one and two bytes, by value: lengths in a span are these."""
+_TAGS = tuple(bytes((tag,)) for tag in range(256))
+
+
+def _varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf varint."""
+    return _SHORT_VARINTS[value] if value < _SHORT else _long_varint(value)
 
 
 class SerializedRequest:

@@ -144,6 +144,41 @@ def test_an_encoder_with_a_full_cache_starts_over() -> None:
     assert len(encoder._cache) <= 4
 
 
+def test_edge_values_encode_as_the_sdk_encoder_writes_them() -> None:
+    # Lengths on both sides of a varint's byte boundaries, other text and other types,
+    # a trace state, and parents local and remote.
+    attributes = {
+        "empty": "",
+        "a127": "a" * 127,
+        "a128": "a" * 128,
+        "long": "x" * 16_400,
+        "text": "caméra 東京",
+        "": "no key",
+        "zero": 0,
+        "negative": -1,
+        "largest": (1 << 63) - 1,
+        "yes": True,
+        "ratio": 0.25,
+        "k" * 200: "a long key",
+    }
+    resource = Resource({"service.name": "edge"})
+    scope = InstrumentationScope("edge", "1")
+    root = (1 << 127 | 5, 7, 1, "vendor=a", False)
+    child = (root[0], 8, 1, "", False)
+    remote = (root[0], 9, 1, "", True)
+    records = [
+        ("root", 0, 10, 20, root, None, attributes, [], (0, None)),
+        ("child", 3, 11, 19, child, root, {"s": "b" * 130}, [(remote, {"id": "c" * 128})],
+         (2, "failed: " + "d" * 200)),
+        ("remote child", 4, 12, 18, (root[0], 10, 1, "vendor=b", False), remote, {}, [],
+         (1, None)),
+    ]  # fmt: skip
+    spans = [readable_span(r, resource, scope) for r in records]
+    encoder = RecordEncoder(resource, scope)
+    for _ in range(2):  # the second time from the cache
+        assert encoder.encode(records) == encode_spans(spans).SerializeToString(deterministic=True)
+
+
 class PipedRecords:
     """Keeps what the recorder hands to an export process."""
 
