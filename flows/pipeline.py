@@ -58,9 +58,9 @@ def adaptive_controller(settings: Settings) -> AdaptiveBatching:
 
 
 def observed_infer(controller: AdaptiveBatching, infer: Infer) -> Infer:
-    """`infer` with each batch's size, forward time and age fed to `controller`. The age
-    is that of its first frame when it reached the batcher (capture to prepared): what the
-    frames waited before batching, not the batch delay the controller chose itself."""
+    """`infer` with each batch's size, forward time, age and end fed to `controller`. The
+    age is that of its first frame when it reached the batcher (capture to prepared): what
+    the frames waited before batching, not the batch delay the controller chose itself."""
 
     def run(batch: FrameBatch) -> list[FrameResult]:
         started = time.perf_counter()
@@ -71,7 +71,11 @@ def observed_infer(controller: AdaptiveBatching, infer: Infer) -> Infer:
             first = batch.frames[0]
             age_ns = max(first.prepared_ns - first.meta.capture_ns, 0)
         controller.observe_inference(
-            len(batch.frames), seconds, wait_s=age_ns / 1e9, worker=threading.get_ident()
+            len(batch.frames),
+            seconds,
+            wait_s=age_ns / 1e9,
+            worker=threading.get_ident(),
+            ended_ns=time.perf_counter_ns(),
         )
         return results
 

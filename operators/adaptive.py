@@ -16,7 +16,10 @@ When frames pile up before the batcher (a backlog: they reach it more than half 
 older than the youngest of the recent passes' frames), the batch takes the configured
 delay bound to fill from the waiting frames, and is no smaller than the starting size.
 Once frames are older than the SLO, or when no batch fits it (a heavy model), the SLO is
-lost whatever the size: the largest batch then drains the backlog fastest. The age that
+lost whatever the size: the backlog then drains at the size that carries the most frames
+per second through a worker's whole cycle, timed pass end to pass end for the starting
+size, its doublings and the largest (the largest is not always fastest: on CPU a pass of
+64 frames can cost more per frame than one of 16). The age that
 frames always have there (their trip from the camera, a busy worker's queue at high
 load) is no backlog. Arrivals during a backlog do not count toward the arrival rate:
 they come as fast as they are read, not as the cameras send them.
@@ -28,6 +31,7 @@ the worker threads of a process.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 from collections import deque
 from collections.abc import Hashable
@@ -43,6 +47,12 @@ OUTLIER_FACTOR = 3.0
 EFFICIENCY = 0.97
 """Batches grow only while they still gain more than this share of the largest allowed
 batch's frames per second."""
+DRAIN_SAMPLES = 3
+"""Passes timed at each drain size before the controller settles on the fastest."""
+DRAIN_PROBE_EVERY = 16
+"""Once settled, one drain pass in this many goes to the size timed longest ago."""
+RECENT_CYCLES = 8
+"""How many recent timed passes of a drain size say how fast it drains."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +116,13 @@ class AdaptiveBatching:
         self._workers: deque[Hashable] = deque(maxlen=RECENT_PASSES)
         self._recent_sizes: deque[int] = deque(maxlen=RECENT_SIZES)
         self._recent_waits: deque[float] = deque(maxlen=RECENT_PASSES)
+        # Draining a backlog: the frames per second each drain size carried through a
+        # worker's whole cycle (pass end to pass end), and when each was last timed.
+        self._drain_rates: dict[int, deque[float]] = {}
+        self._drain_timed: dict[int, int] = {}
+        self._drain_passes = 0
+        self._draining = False
+        self._last_end: dict[Hashable, tuple[int, bool]] = {}
         self._limits = bounds.start()
 
     # Observations ---------------------------------------------------------------------
@@ -138,15 +155,24 @@ class AdaptiveBatching:
                 self._update()
 
     def observe_inference(
-        self, size: int, seconds: float, wait_s: float = 0.0, worker: Hashable = None
+        self,
+        size: int,
+        seconds: float,
+        wait_s: float = 0.0,
+        worker: Hashable = None,
+        ended_ns: int | None = None,
     ) -> None:
         """A forward pass over `size` frames took `seconds`; its first frame was `wait_s`
         old (since capture) when it reached the batcher. `worker` names who ran it (a
-        thread id): the workers among the recent passes run forward passes side by side."""
+        thread id): the workers among the recent passes run forward passes side by side.
+        `ended_ns`, when the pass ended, times the worker's whole cycle from its previous
+        pass, which is how a backlog's drain size is chosen (see `_drain_size`)."""
         if size < 1 or seconds < 0:
             return
         d = self.bounds.decay
         with self._lock:
+            if ended_ns is not None:
+                self._time_cycle(size, worker, ended_ns)
             expected = self._cost(size)
             if expected is not None:
                 # A pass stalled by something else (the process preempted, a garbage
@@ -165,6 +191,20 @@ class AdaptiveBatching:
             self._wait_s = 0.8 * self._wait_s + 0.2 * wait_s if self._wait_s else wait_s
             self._recent_waits.append(wait_s)
             self._update()
+
+    def _time_cycle(self, size: int, worker: Hashable, ended_ns: int) -> None:
+        """Time the worker's cycle that ended with this pass: frames per second of the
+        drain size it ran at, when this pass and the one before were both draining (a
+        busy worker; otherwise the cycle holds idle time)."""
+        previous = self._last_end.get(worker)
+        self._last_end[worker] = (ended_ns, self._draining)
+        if previous is None or not (previous[1] and self._draining) or ended_ns <= previous[0]:
+            return
+        drain = next((c for c in self._drain_candidates() if c >= size), self.bounds.max_size)
+        rates = self._drain_rates.setdefault(drain, deque(maxlen=RECENT_CYCLES))
+        rates.append(size * 1e9 / (ended_ns - previous[0]))
+        self._drain_passes += 1
+        self._drain_timed[drain] = self._drain_passes
 
     # Model ----------------------------------------------------------------------------
 
@@ -238,9 +278,38 @@ class AdaptiveBatching:
                 return size
         return limit
 
+    def _drain_candidates(self) -> list[int]:
+        """The sizes a backlog past its SLO may drain at: the starting size, doubling up
+        to the largest allowed."""
+        b = self.bounds
+        size = b.start().max_size
+        sizes = []
+        while size < b.max_size:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, b.max_size]
+
+    def _drain_size(self) -> int:
+        """The size that drains a backlog fastest once its SLO is lost. Which one that is
+        depends on more than the forward pass (a batch also costs a dataflow step, a sink
+        transaction and a produce; on CPU a large pass can cost more per frame than a
+        smaller one), so each candidate's whole cycle is timed for a few passes, the
+        largest first, then the fastest is kept, and now and then the one timed longest
+        ago is timed again. Until passes are timed (no `ended_ns`), the largest."""
+        candidates = self._drain_candidates()
+        if not self._last_end or len(candidates) == 1:
+            return self.bounds.max_size
+        for size in reversed(candidates):
+            if len(self._drain_rates.get(size, ())) < DRAIN_SAMPLES:
+                return size
+        if self._drain_passes % DRAIN_PROBE_EVERY == 0:
+            return min(candidates, key=lambda c: self._drain_timed.get(c, 0))
+        return max(candidates, key=lambda c: statistics.median(self._drain_rates[c]))
+
     def _update(self) -> None:
         b = self.bounds
         slo = b.latency_slo_s
+        self._draining = False
         if self._cost(1) is None and self._wait_s <= slo:
             self._limits = b.start()
             return
@@ -263,12 +332,12 @@ class AdaptiveBatching:
             # knows the forward pass only, not the work each batch brings outside it (a
             # step of the dataflow, the sink's transaction, a produce). When frames are
             # already older than the SLO, or not even the smallest batch fits it, the SLO
-            # is lost whatever the size: the largest batch drains the backlog fastest (on
-            # 2 cores passes of 64 frames can cost more per frame than passes of 16, yet
-            # carry more frames per second through the whole flow). With no pass measured
-            # yet, every size fits.
+            # is lost whatever the size: the backlog drains at the size that carries the
+            # most frames per second through the whole flow, as timed (`_drain_size`).
+            # With no pass measured yet, every size fits.
             if not fits or self._wait_s > slo:
-                size = b.max_size
+                size = self._drain_size()
+                self._draining = True
             else:
                 size = max(self._efficient_size(cap), min(b.start().max_size, cap))
             delay_s = b.max_delay_s if size > 1 else 0.0
