@@ -63,19 +63,19 @@ def observed_infer(controller: AdaptiveBatching, infer: Infer) -> Infer:
     the frames waited before batching, not the batch delay the controller chose itself."""
 
     def run(batch: FrameBatch) -> list[FrameResult]:
-        started = time.perf_counter()
+        started = time.perf_counter_ns()
         results = infer(batch)
-        seconds = time.perf_counter() - started
+        ended = time.perf_counter_ns()
         age_ns = 0
         if batch.frames:
             first = batch.frames[0]
             age_ns = max(first.prepared_ns - first.meta.capture_ns, 0)
         controller.observe_inference(
             len(batch.frames),
-            seconds,
+            (ended - started) / 1e9,
             wait_s=age_ns / 1e9,
             worker=threading.get_ident(),
-            ended_ns=time.perf_counter_ns(),
+            ended_ns=ended,
         )
         return results
 

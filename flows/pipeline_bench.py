@@ -459,7 +459,7 @@ class Bench:
             if process.returncode != 0:
                 done["error"] = f"the publishing process failed (exit {process.returncode})"
                 return
-            done["ends"] = {(t, int(p)): int(o) for t, p, o in json.loads(out)}
+            done["ends"] = offsets_from_json(out)
 
         def end_offsets() -> dict[tuple[str, int], int] | None:
             if "error" in done:
@@ -774,11 +774,21 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def offsets_json(ends: dict[tuple[str, int], int]) -> str:
+    """Each partition's end offset as JSON: `[[topic, partition, offset], ...]`."""
+    return json.dumps([[t, p, o] for (t, p), o in ends.items()])
+
+
+def offsets_from_json(text: str) -> dict[tuple[str, int], int]:
+    """The end offsets that `offsets_json` wrote."""
+    return {(t, int(p)): int(o) for t, p, o in json.loads(text)}
+
+
 def write_end_offsets(path: Path, ends: dict[tuple[str, int], int]) -> None:
     """Write each partition's end offset to `path` as JSON, at once (a reader never sees
     half of it)."""
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps([[t, p, o] for (t, p), o in ends.items()]))
+    partial.write_text(offsets_json(ends))
     os.replace(partial, path)
 
 
@@ -790,7 +800,7 @@ def end_offsets_from(path: Path) -> EndOffsets:
         if not known:
             if not path.exists():
                 return None
-            known.update({(t, int(p)): int(o) for t, p, o in json.loads(path.read_text())})
+            known.update(offsets_from_json(path.read_text()))
         return known
 
     return end_offsets
@@ -859,7 +869,7 @@ def publish_main() -> None:
     path, bootstrap, topic, frames, fps = sys.argv[1:6]
     jpegs = pickle.loads(Path(path).read_bytes())
     ends = publish_frames(bootstrap, topic, jpegs, int(frames), float(fps))
-    print(json.dumps([[t, p, o] for (t, p), o in ends.items()]))
+    print(offsets_json(ends))
 
 
 def run(

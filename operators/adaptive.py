@@ -123,6 +123,7 @@ class AdaptiveBatching:
         self._drain_passes = 0
         self._draining = False
         self._last_end: dict[Hashable, tuple[int, bool]] = {}
+        self._drain_sizes = self._drain_candidates()
         self._limits = bounds.start()
 
     # Observations ---------------------------------------------------------------------
@@ -200,7 +201,7 @@ class AdaptiveBatching:
         self._last_end[worker] = (ended_ns, self._draining)
         if previous is None or not (previous[1] and self._draining) or ended_ns <= previous[0]:
             return
-        drain = next((c for c in self._drain_candidates() if c >= size), self.bounds.max_size)
+        drain = next((c for c in self._drain_sizes if c >= size), self.bounds.max_size)
         rates = self._drain_rates.setdefault(drain, deque(maxlen=RECENT_CYCLES))
         rates.append(size * 1e9 / (ended_ns - previous[0]))
         self._drain_passes += 1
@@ -296,7 +297,7 @@ class AdaptiveBatching:
         smaller one), so each candidate's whole cycle is timed for a few passes, the
         largest first, then the fastest is kept, and now and then the one timed longest
         ago is timed again. Until passes are timed (no `ended_ns`), the largest."""
-        candidates = self._drain_candidates()
+        candidates = self._drain_sizes
         if not self._last_end or len(candidates) == 1:
             return self.bounds.max_size
         for size in reversed(candidates):

@@ -292,7 +292,6 @@ class RecordEncoder:
         """A span as a `spans` entry of ScopeSpans (tag, length, the Span message), from
         its contexts, name and kind (`head`), times, attributes and links (`body`, encoded
         entries) and status. Fields go in the order protobuf writes them."""
-        trace_id = context[0]
         if context[3]:
             key = (PBSpan, "trace_state", context[3])
             state = self._cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3]))
@@ -300,7 +299,7 @@ class RecordEncoder:
             if parent is not None:
                 ids += pack(">BBQ", 0x22, 8, parent[1])
         elif parent is not None:  # a frame's span: ids and parent id in one go
-            high, low = trace_id >> 64, trace_id & _LOW64
+            high, low = context[0] >> 64, context[0] & _LOW64
             ids = pack(">BBQQBBQBBQ", 0x0A, 16, high, low, 0x12, 8, context[1], 0x22, 8, parent[1])
         else:
             ids = _ids(context)
