@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     fetch_batch_size: int = Field(
         default=64, ge=1, le=10_000, description="messages read per partition per poll"
     )
+    broker_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="at start, how long to wait for the brokers' metadata before exiting",
+    )
     stop_at_end: bool | None = Field(
         default=None,
         description="stop at the end of the topic instead of tailing it "
@@ -64,6 +70,11 @@ class Settings(BaseSettings):
     )
     max_pixels: int = Field(
         default=40_000_000, ge=1, description="larger images are dead-lettered before decoding"
+    )
+    max_capture_skew_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="capture times further than this in the future are dead-lettered",
     )
 
     # Batching
@@ -118,6 +129,12 @@ class Settings(BaseSettings):
     publish_detections: bool = Field(
         default=True, description="also publish detections as JSON to the output topic"
     )
+    sink_retry_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="how long the sinks retry an unreachable database, stalling the flow,"
+        " before the flow exits",
+    )
 
     # Recovery (real Kafka only)
     recovery_dir: str = Field(
@@ -138,6 +155,11 @@ class Settings(BaseSettings):
     metrics_addr: str = Field(default="0.0.0.0", description="address /metrics binds to")
     metrics_max_jobs: int = Field(
         default=20, ge=1, le=1000, description="job IDs tracked one by one; the rest are `other`"
+    )
+    metrics_job_idle_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a job ID idle this long gives its metric slot to the next new job",
     )
     lag_interval_s: float = Field(
         default=5.0, gt=0, description="seconds between reads of the brokers' high watermarks"
