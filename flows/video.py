@@ -21,7 +21,12 @@ from operators.frames import DeadLetter, FrameResult
 from operators.gpu import GpuSampler
 from operators.inference import shared_inferencer
 from operators.ingest import frame_source
-from operators.kafka_io import client_config, producer_config
+from operators.kafka_io import (
+    KafkaUnavailable,
+    client_config,
+    producer_config,
+    wait_for_cluster,
+)
 from operators.metrics import LagTracker, PipelineMetrics, pipeline_metrics, start_metrics_server
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import StoreError, open_store
@@ -58,6 +63,14 @@ if settings.embedded:
     demo = Demo(settings, tally, tracing=tracing)
     bootstrap = demo.bootstrap
 else:
+    try:
+        wait_for_cluster(
+            client_config(settings, settings.brokers),
+            settings.input_topic,
+            timeout_s=settings.broker_wait_s,
+        )
+    except KafkaUnavailable as exc:
+        raise SystemExit(f"streamsight: {exc}") from None
     enable_recovery(
         settings.recovery_dir, settings.recovery_partitions, settings.snapshot_interval_s
     )

@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from operators import dead_letters as dl
 from operators.frames import DeadLetter, RawFrame
+from operators.kafka_io import librdkafka_logger
 
 STAGE = "ingest"
 # librdkafka waits up to 500 ms for a fetch to fill by default: too long for live video.
@@ -131,7 +132,10 @@ def frame_source(
         [topic],
         tail=tail or end_offsets is not None,
         starting_offset=OFFSET_BEGINNING,
-        add_config={k: v for k, v in client_config.items() if k != "bootstrap.servers"},
+        add_config={
+            **{k: v for k, v in client_config.items() if k != "bootstrap.servers"},
+            "logger": librdkafka_logger,
+        },
         consumer_config={
             "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
             "queued.max.messages.kbytes": PREFETCH_MAX_KBYTES,

@@ -4,10 +4,13 @@ checked, and high-watermark reads."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -15,6 +18,41 @@ if TYPE_CHECKING:
     from flows.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+LIBRDKAFKA_LOG_INTERVAL_S = 30.0
+"""While brokers are unreachable librdkafka logs a line per reconnect attempt, per client
+(about 19 a second): its lines pass at most once per this many seconds."""
+
+
+class OncePerInterval(logging.Filter):
+    """Lets one record through per `interval_s`; the next one says how many were held back."""
+
+    def __init__(
+        self, interval_s: float, clock: Callable[[], float] = time.monotonic, name: str = ""
+    ) -> None:
+        super().__init__(name)
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next_at = float("-inf")
+        self._held_back = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            now = self._clock()
+            if now < self._next_at:
+                self._held_back += 1
+                return False
+            self._next_at = now + self._interval_s
+            held_back, self._held_back = self._held_back, 0
+        if held_back:
+            record.msg = f"{record.msg} ({held_back} similar line(s) held back)"
+        return True
+
+
+librdkafka_logger = logging.getLogger(f"{__name__}.librdkafka")
+"""The logger every librdkafka client of the dataflow writes to (the `logger` property)."""
+librdkafka_logger.addFilter(OncePerInterval(LIBRDKAFKA_LOG_INTERVAL_S))
 
 HEADER_HEADROOM_BYTES = 64 * 1024
 """Room above `max_frame_bytes` for the key, headers and record-batch overhead."""
@@ -139,7 +177,7 @@ class CheckedProducer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         conf = dict(config)
-        conf.setdefault("logger", logger)
+        conf.setdefault("logger", librdkafka_logger)
         self._producer = Producer(conf)
         self._end_offsets: dict[tuple[str, int], int] = {}
         self._pending_failures = 0
@@ -288,7 +326,7 @@ def high_watermarks(config: dict[str, Any], topic: str, timeout_s: float = 10.0)
     conf = consumer_safe(config)
     conf.setdefault("group.id", "streamsight-watermarks")
     conf.setdefault("enable.auto.commit", False)
-    conf.setdefault("logger", logger)
+    conf.setdefault("logger", librdkafka_logger)
     consumer = Consumer(conf)
     try:
         metadata = consumer.list_topics(topic, timeout=timeout_s)
@@ -305,3 +343,64 @@ def high_watermarks(config: dict[str, Any], topic: str, timeout_s: float = 10.0)
         }
     finally:
         consumer.close()
+
+
+class KafkaUnavailable(RuntimeError):
+    """The brokers did not answer a metadata request in time; the message names them and
+    librdkafka's last error (codes and addresses only, never configuration values)."""
+
+
+def wait_for_cluster(config: dict[str, Any], topic: str, timeout_s: float) -> None:
+    """Return once the cluster at `config["bootstrap.servers"]` serves metadata for `topic`.
+
+    Raises KafkaUnavailable after `timeout_s` (unreachable brokers, a failed TLS or SASL
+    login). librdkafka's own lines are not logged: the last error becomes the cause.
+    """
+    errors: list[KafkaError] = []
+    quiet = logging.getLogger(f"{__name__}.probe")
+    quiet.propagate = False
+    quiet.addHandler(logging.NullHandler())
+    conf = {
+        **consumer_safe(config),
+        "client.id": "streamsight-startup-probe",
+        "error_cb": errors.append,
+        "logger": quiet,
+    }
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            admin.list_topics(topic, timeout=max(0.1, min(1.0, remaining)))
+            return
+        except KafkaException as exc:
+            if exc.args and isinstance(exc.args[0], KafkaError):
+                errors.append(exc.args[0])
+        admin.poll(0)
+        if remaining <= 0:
+            break
+    raise KafkaUnavailable(
+        f"cannot reach Kafka at {config.get('bootstrap.servers')} within {timeout_s:g} s: "
+        f"{_cause(errors)}"
+    )
+
+
+def _cause(errors: list[KafkaError]) -> str:
+    """The most telling of librdkafka's errors: a login error before a refused connection,
+    before "all brokers down", before a bare metadata time-out."""
+
+    def rank(error: KafkaError) -> int:
+        if error.code() not in (
+            KafkaError._TRANSPORT,
+            KafkaError._ALL_BROKERS_DOWN,
+            KafkaError._TIMED_OUT,
+        ):
+            return 3
+        if error.code() == KafkaError._TRANSPORT and "Failed to get metadata" not in error.str():
+            return 2
+        return 1 if error.code() == KafkaError._ALL_BROKERS_DOWN else 0
+
+    if not errors:
+        return "no answer"
+    best = max(range(len(errors)), key=lambda i: (rank(errors[i]), i))
+    return _describe_error(errors[best])

@@ -702,13 +702,13 @@ class LagTracker(Collector):
             return self._reader(topic, partition)
         from confluent_kafka import Consumer, TopicPartition
 
-        from operators.kafka_io import consumer_safe
+        from operators.kafka_io import consumer_safe, librdkafka_logger
 
         if self._consumer is None:
             conf = consumer_safe(self._config)
             conf.setdefault("group.id", "streamsight-lag")
             conf.setdefault("enable.auto.commit", False)
-            conf.setdefault("logger", log)
+            conf.setdefault("logger", librdkafka_logger)
             self._consumer = Consumer(conf)
         _, high = self._consumer.get_watermark_offsets(
             TopicPartition(topic, partition), timeout=max(1.0, self.interval_s), cached=False

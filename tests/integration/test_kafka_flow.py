@@ -19,7 +19,7 @@ from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.frames import FrameBatch, FrameResult
 from operators.inference import Inferencer
-from operators.ingest import frame_source
+from operators.ingest import EndOffsets, frame_source
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import open_store
 from operators.tracing import Tracing, write_tracer
@@ -44,9 +44,11 @@ def run_flow(
     *,
     workers: int = 1,
     infer: Any = None,
+    end_offsets: EndOffsets | None = None,
 ) -> None:
-    """Run the flow in-process over `topics["input"]` to its end, on `workers` worker
-    threads; traced with `tracing`; `infer` replaces the inferencer's."""
+    """Run the flow in-process over `topics["input"]` to its end (or to `end_offsets`
+    once they are known), on `workers` worker threads; traced with `tracing`; `infer`
+    replaces the inferencer's."""
     traced = tracing or Tracing.disabled()
     settings = Settings(batch_max_size=8, batch_max_delay_ms=20)
     producer = {**config, "enable.idempotence": True, "acks": "all"}
@@ -58,6 +60,7 @@ def run_flow(
             client_config=config,
             batch_size=32,
             tail=False,
+            end_offsets=end_offsets,
         ),
         infer=infer or inferencer.infer,
         input_size=inferencer.detector.input_size,

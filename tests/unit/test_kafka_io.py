@@ -1,7 +1,9 @@
-"""Kafka client configuration from Settings, and DeliveryError's message."""
+"""Kafka client configuration from Settings, DeliveryError's message, the start-up wait
+for the brokers and the rate limit on librdkafka's lines."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import pytest
@@ -13,9 +15,12 @@ from operators.kafka_io import (
     HEADER_HEADROOM_BYTES,
     CheckedProducer,
     DeliveryError,
+    KafkaUnavailable,
+    OncePerInterval,
     client_config,
     consumer_safe,
     producer_config,
+    wait_for_cluster,
 )
 
 SASL_PASSWORD = "s3cret-sasl-password"
@@ -222,3 +227,23 @@ def test_message_refused_at_once_raises_delivery_error() -> None:
     assert "PAYLOAD" not in str(caught.value)
     assert "'frames' partition 0" in str(caught.value)
     assert producer.failed == 1
+
+
+def test_once_per_interval_passes_one_line_per_interval_and_counts_the_rest() -> None:
+    now = [100.0]
+    gate = OncePerInterval(30.0, clock=lambda: now[0])
+    records = [logging.LogRecord("k", logging.ERROR, "", 0, "line", None, None) for _ in range(5)]
+    assert [gate.filter(r) for r in records[:3]] == [True, False, False]
+    now[0] += 30.0
+    assert gate.filter(records[3])
+    assert records[3].getMessage() == "line (2 similar line(s) held back)"
+    assert not gate.filter(records[4])
+
+
+def test_wait_for_cluster_names_the_brokers_and_the_refused_connection() -> None:
+    brokers = f"127.0.0.1:{_closed_port()}"
+    with pytest.raises(KafkaUnavailable) as caught:
+        wait_for_cluster({"bootstrap.servers": brokers}, "frames", timeout_s=1.0)
+    text = str(caught.value)
+    assert text.startswith(f"cannot reach Kafka at {brokers} within 1 s: _TRANSPORT")
+    assert "Connection refused" in text
