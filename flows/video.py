@@ -78,7 +78,7 @@ else:
 
 metrics: PipelineMetrics | None = None
 if settings.metrics_enabled:
-    metrics = pipeline_metrics(settings.metrics_max_jobs)
+    metrics = pipeline_metrics(settings.metrics_max_jobs, settings.metrics_job_idle_s)
     metrics.lag = LagTracker(
         client_config(settings, bootstrap), interval_s=settings.lag_interval_s
     ).start()

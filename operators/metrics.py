@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +48,7 @@ PREFIX = "streamsight"
 DEFAULT_PORT = 9464
 DEFAULT_ADDR = "0.0.0.0"
 DEFAULT_MAX_JOBS = 20
+DEFAULT_JOB_IDLE_S = 600.0
 DEFAULT_LAG_INTERVAL_S = 5.0
 OTHER = "other"
 
@@ -105,35 +106,65 @@ def count_items(value: object) -> int:
 
 
 class BoundedLabel:
-    """Maps values to themselves for the first `limit` distinct values, to `other` after.
+    """Maps values to themselves while they hold one of `limit` slots, to `other` otherwise.
 
-    Thread-safe; values already admitted stay admitted.
+    A value idle for `idle_s` gives up its slot (`on_release` is told, to remove its
+    series) so that a new value can have it: the slots go to the most recently active
+    values. Thread-safe.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        idle_s: float = float("inf"),
+        clock: Callable[[], float] = time.monotonic,
+        on_release: Callable[[str], None] | None = None,
+    ) -> None:
         if limit < 0:
             raise ValueError("limit must be >= 0")
         self.limit = limit
-        self._admitted: set[str] = set()
+        self.idle_s = idle_s
+        self._clock = clock
+        self._on_release = on_release
+        self._last_seen: dict[str, float] = {}
+        self._next_sweep = clock() + idle_s
         self._lock = threading.Lock()
 
     def __call__(self, value: str) -> str:
         """The label value to use for `value`."""
-        if value in self._admitted:
-            return value
+        now = self._clock()
+        if now >= self._next_sweep:
+            self.release_idle()
+        if value == OTHER:
+            return OTHER
         with self._lock:
-            if value in self._admitted:
-                return value
-            if len(self._admitted) < self.limit and value != OTHER:
-                self._admitted.add(value)
+            if value not in self._last_seen and len(self._last_seen) >= self.limit:
+                self._release_idle_locked(now)
+            if value in self._last_seen or len(self._last_seen) < self.limit:
+                self._last_seen[value] = now
                 return value
         return OTHER
+
+    def release_idle(self) -> None:
+        """Free the slots of values idle for `idle_s` or longer."""
+        with self._lock:
+            self._release_idle_locked(self._clock())
+
+    def _release_idle_locked(self, now: float) -> None:
+        # A sweep a quarter of the idle time later frees a slot at most 1.25 x idle_s late.
+        self._next_sweep = now + self.idle_s / 4
+        idle = [v for v, seen in self._last_seen.items() if now - seen >= self.idle_s]
+        for value in idle:
+            del self._last_seen[value]
+            if self._on_release is not None:
+                self._on_release(value)
 
     @property
     def admitted(self) -> frozenset[str]:
         """The values that have their own label."""
         with self._lock:
-            return frozenset(self._admitted)
+            return frozenset(self._last_seen)
 
 
 @dataclass
@@ -188,7 +219,8 @@ class ProcessExtrasCollector(Collector):
 class PipelineMetrics:
     """Every pipeline metric, registered in `registry`; methods are called by the wiring.
 
-    `max_jobs` bounds the distinct `job_id` label values (the rest fold into `other`).
+    `max_jobs` bounds the distinct `job_id` label values (the rest fold into `other`); a
+    job idle for `job_idle_s` gives its slot to the next new job and its series are removed.
     On a registry other than the default one a process collector is added too (the
     default registry has one already).
     """
@@ -198,10 +230,14 @@ class PipelineMetrics:
         registry: CollectorRegistry = REGISTRY,
         *,
         max_jobs: int = DEFAULT_MAX_JOBS,
+        job_idle_s: float = DEFAULT_JOB_IDLE_S,
+        clock: Callable[[], float] = time.monotonic,
         lag: LagTracker | None = None,
     ) -> None:
         self.registry = registry
-        self.jobs = BoundedLabel(max_jobs)
+        self.jobs = BoundedLabel(
+            max_jobs, idle_s=job_idle_s, clock=clock, on_release=self._remove_job_series
+        )
         self.lag = lag
         p = PREFIX
         r = registry
@@ -459,6 +495,14 @@ class PipelineMetrics:
         return build
 
     # Inference ----------------------------------------------------------------------
+
+    def _remove_job_series(self, job: str) -> None:
+        """Drop the per-job series of a job that gave up its slot."""
+        with suppress(KeyError):
+            self.job_frames.remove(job)
+        for device in DEVICE_TYPES:
+            with suppress(KeyError):
+                self.job_device_seconds.remove(job, device)
 
     def record_inference(
         self,
@@ -825,13 +869,15 @@ _default: PipelineMetrics | None = None
 _default_lock = threading.Lock()
 
 
-def pipeline_metrics(max_jobs: int = DEFAULT_MAX_JOBS) -> PipelineMetrics:
+def pipeline_metrics(
+    max_jobs: int = DEFAULT_MAX_JOBS, job_idle_s: float = DEFAULT_JOB_IDLE_S
+) -> PipelineMetrics:
     """The process's `PipelineMetrics` on the default registry (created on first call,
-    whose `max_jobs` wins), shared by the Bytewax worker threads of this process."""
+    whose arguments win), shared by the Bytewax worker threads of this process."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = PipelineMetrics(REGISTRY, max_jobs=max_jobs)
+            _default = PipelineMetrics(REGISTRY, max_jobs=max_jobs, job_idle_s=job_idle_s)
         return _default
 
 

@@ -227,6 +227,39 @@ def test_jobs_past_the_bound_fold_into_other() -> None:
     assert value(registry, "streamsight_job_frames_total", job_id="a") == 2
 
 
+def _job_series(registry: CollectorRegistry) -> set[str]:
+    return {
+        s.labels["job_id"]
+        for f in registry.collect()
+        if f.name in ("streamsight_job_frames", "streamsight_job_device_seconds")
+        for s in f.samples
+    }
+
+
+def test_an_idle_job_gives_its_slot_and_its_series_to_a_new_job() -> None:
+    now = [0.0]
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry, max_jobs=2, job_idle_s=60.0, clock=lambda: now[0])
+
+    def infer(job: str) -> None:
+        metrics.record_inference(data.batch([data.meta(0, job_id=job)]), 0.1, device="cpu")
+
+    infer("a")
+    infer("b")
+    now[0] = 50.0
+    infer("b")
+    infer("c")  # a has been idle 50 s: no slot yet
+    assert _job_series(registry) == {"a", "b", OTHER}
+    now[0] = 70.0
+    infer("c")  # a idle 70 s: its slot and series go to c
+    assert _job_series(registry) == {"b", "c", OTHER}
+    assert value(registry, "streamsight_job_frames_total", job_id="c") == 1
+    now[0] = 200.0
+    metrics.jobs.release_idle()  # both idle: slots freed, series gone
+    assert _job_series(registry) == {OTHER}
+    assert metrics.jobs.admitted == frozenset()
+
+
 def test_bounded_label_is_thread_safe_and_reserves_other() -> None:
     label = BoundedLabel(1)
     assert label(OTHER) == OTHER
