@@ -108,7 +108,9 @@ def build_flow(
     def measured(stage: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return metrics.wrap(stage, fn) if metrics is not None else fn
 
-    limits = FrameLimits(settings.max_frame_bytes, settings.max_pixels, input_size)
+    limits = FrameLimits(
+        settings.max_frame_bytes, settings.max_pixels, input_size, settings.max_capture_skew_s
+    )
     flow = Dataflow(flow_id)
     messages = op.input("ingest", flow, source)
     received = op.branch("split_source_errors", messages, _is_message)

@@ -13,7 +13,17 @@ BAGGAGE = "baggage"
 TRACE_HEADERS = (TRACEPARENT, TRACESTATE, BAGGAGE)
 
 JPEG = "image/jpeg"
-ACCEPTED_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp")
+# The image formats of the contract: content type -> Pillow's format name. Nothing else is
+# decoded (Pillow is given this allow-list), so e.g. TIFF, ICO or EPS become dead letters.
+IMAGE_FORMATS = {
+    "image/jpeg": "JPEG",
+    "image/png": "PNG",
+    "image/webp": "WEBP",
+    "image/bmp": "BMP",
+    "image/gif": "GIF",
+}
+ACCEPTED_CONTENT_TYPES = tuple(IMAGE_FORMATS)
+PILLOW_FORMATS = tuple(IMAGE_FORMATS.values())
 
 # Dead-letter records carry the frame's own headers plus these.
 DLQ_STAGE = "streamsight-dlq-stage"
@@ -26,6 +36,12 @@ DLQ_PAYLOAD_OMITTED = "streamsight-dlq-payload-omitted"
 
 DEFAULT_JOB_ID = "unassigned"
 MAX_ID_LENGTH = 128
+# "/" joins job id, camera and seq into the frame identity, so it may not occur inside them.
+ID_SEPARATOR = "/"
+# Value ranges: what the 64-bit columns of the sinks hold, and what a capture time can be.
+MAX_SEQ = 2**63 - 1
+MIN_CAPTURE_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z, exclusive
+MAX_CAPTURE_NS = 2**63 - 1  # capture times are stored as int64 nanoseconds
 
 
 def frame_headers(

@@ -2,8 +2,10 @@
 
 Size limits are checked before any large allocation: the byte length first, then the
 pixel count read from the image header. JPEG goes through libjpeg-turbo (simplejpeg) with
-DCT-domain downscaling; other formats and unusual JPEG colour spaces (CMYK, YCCK) go
-through Pillow. Grayscale, alpha, palette and CMYK images are converted to RGB.
+DCT-domain downscaling; the contract's other formats and unusual JPEG colour spaces (CMYK,
+YCCK) go through Pillow, restricted to the contract's formats. Grayscale, alpha, palette
+and CMYK images are converted to RGB. Header values are checked against the contract's
+ranges (seq, capture time, identity characters) so that a frame that parses can be stored.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -27,18 +30,21 @@ STAGE = "decode"
 JPEG_MAGIC = b"\xff\xd8\xff"
 FAST_JPEG_COLORSPACES = ("Gray", "YCbCr", "RGB")
 MAX_TRACE_HEADER = 512
-
-# Pixel limits are enforced here before decoding, so Pillow's own bomb check is not needed.
-Image.MAX_IMAGE_PIXELS = None
+DEFAULT_CAPTURE_SKEW_S = 300.0
+SEQ_PATTERN = re.compile(rb"[0-9]+")  # bytes, so only ASCII digits match
+MAX_SEQ_DIGITS = len(str(contract.MAX_SEQ))
+ACCEPTED_FORMATS_TEXT = ", ".join(contract.PILLOW_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
 class FrameLimits:
-    """What a frame may be: at most `max_bytes` of payload and `max_pixels` pixels."""
+    """What a frame may be: at most `max_bytes` of payload and `max_pixels` pixels, and a
+    capture time at most `max_capture_skew_s` seconds after the frame's ingest time."""
 
     max_bytes: int
     max_pixels: int
     input_size: tuple[int, int]
+    max_capture_skew_s: float = DEFAULT_CAPTURE_SKEW_S
 
 
 class _Rejected(Exception):
@@ -50,14 +56,34 @@ class _Rejected(Exception):
         self.detail = detail
 
 
-def _header_text(value: bytes, name: str, *, max_len: int) -> str:
+def _identity_part(value: bytes, name: str) -> str:
+    """A job id or camera as text: 1-128 printable UTF-8 characters without "/", which
+    joins the parts of the frame identity (so no two frames can share one)."""
+    max_len = contract.MAX_ID_LENGTH
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _Rejected(dl.BAD_HEADER, f"header {name} is not UTF-8") from exc
     if not text or len(text) > max_len or not text.isprintable():
         raise _Rejected(dl.BAD_HEADER, f"header {name} must be 1-{max_len} printable characters")
+    if contract.ID_SEPARATOR in text:
+        raise _Rejected(
+            dl.BAD_HEADER,
+            f"header {name} must not contain '{contract.ID_SEPARATOR}' "
+            "(it separates the parts of the frame identity)",
+        )
     return text
+
+
+def _header_seq(value: bytes) -> int:
+    """The frame number: ASCII digits only (no sign, space or '_'), 0..2^63-1."""
+    if not SEQ_PATTERN.fullmatch(value):
+        raise _Rejected(dl.BAD_HEADER, "header seq must be ASCII digits 0-9 only")
+    digits = value.lstrip(b"0") or b"0"
+    # Bounded before int(): a long run of digits is refused without parsing it.
+    if len(digits) > MAX_SEQ_DIGITS or int(digits) > contract.MAX_SEQ:
+        raise _Rejected(dl.BAD_HEADER, f"header seq must be at most {contract.MAX_SEQ}")
+    return int(digits)
 
 
 def _header_number(value: bytes, name: str) -> float:
@@ -70,35 +96,51 @@ def _header_number(value: bytes, name: str) -> float:
     return number
 
 
-def parse_meta(raw: RawFrame) -> FrameMeta:
+def _check_capture_ns(capture_ns: int, name: str, raw: RawFrame, limits: FrameLimits) -> int:
+    """`capture_ns` if it lies after 2000-01-01 and at most `max_capture_skew_s` after the
+    frame's ingest time (its "now", so the check needs no clock of its own), and fits the
+    sinks' int64 nanoseconds; else `_Rejected`. The detail names the rule, not the value."""
+    ahead_ns = limits.max_capture_skew_s * 1e9
+    latest = contract.MAX_CAPTURE_NS
+    if ahead_ns < latest - raw.ingest_ns:  # a float, possibly inf: compared before int()
+        latest = raw.ingest_ns + int(ahead_ns)
+    if not contract.MIN_CAPTURE_TIME_MS * 1_000_000 < capture_ns <= latest:
+        raise _Rejected(
+            dl.BAD_HEADER,
+            f"{name} must be milliseconds since the epoch after 2000-01-01T00:00:00Z and at "
+            f"most {limits.max_capture_skew_s:g} s ahead of the frame's arrival",
+        )
+    return capture_ns
+
+
+def parse_meta(raw: RawFrame, limits: FrameLimits) -> FrameMeta:
     """Validate the headers of `raw` and derive the frame's identity and times.
 
-    Raises `_Rejected` for garbage headers; missing optional headers get defaults.
+    Raises `_Rejected` for garbage or out-of-range headers; missing optional headers get
+    defaults.
     """
     headers: dict[str, bytes] = {}
     for name, value in raw.headers:
         headers.setdefault(name, value if value is not None else b"")
     job_id = contract.DEFAULT_JOB_ID
     if contract.JOB_ID in headers:
-        job_id = _header_text(headers[contract.JOB_ID], "job id", max_len=contract.MAX_ID_LENGTH)
+        job_id = _identity_part(headers[contract.JOB_ID], "job id")
     if contract.CAMERA in headers:
-        camera = _header_text(headers[contract.CAMERA], "camera", max_len=contract.MAX_ID_LENGTH)
+        camera = _identity_part(headers[contract.CAMERA], "camera")
     elif raw.key:
-        camera = _header_text(raw.key, "key (camera)", max_len=contract.MAX_ID_LENGTH)
+        camera = _identity_part(raw.key, "key (camera)")
     else:
         camera = "unknown"
     seq: int | None = None
     if contract.SEQ in headers:
-        try:
-            seq = int(headers[contract.SEQ].decode("ascii"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _Rejected(dl.BAD_HEADER, "header seq is not an integer") from exc
-        if seq < 0:
-            raise _Rejected(dl.BAD_HEADER, "header seq must be >= 0")
+        seq = _header_seq(headers[contract.SEQ])
     if contract.CAPTURE_TIME_MS in headers:
-        capture_ns = int(_header_number(headers[contract.CAPTURE_TIME_MS], "capture time") * 1e6)
+        capture_ms = _header_number(headers[contract.CAPTURE_TIME_MS], "capture time")
+        capture_ns = _check_capture_ns(int(capture_ms * 1e6), "header capture time", raw, limits)
     elif raw.timestamp_ms is not None and raw.timestamp_ms > 0:
-        capture_ns = raw.timestamp_ms * 1_000_000
+        capture_ns = _check_capture_ns(
+            raw.timestamp_ms * 1_000_000, "the Kafka timestamp (the capture time)", raw, limits
+        )
     else:
         capture_ns = raw.ingest_ns
     if contract.CONTENT_TYPE in headers:
@@ -165,11 +207,14 @@ def _decode_jpeg(data: bytes, limits: FrameLimits) -> tuple[np.ndarray, int, int
 
 
 def _decode_with_pillow(data: bytes, limits: FrameLimits) -> tuple[np.ndarray, int, int]:
-    """Any format Pillow reads; the size is checked from the header before decoding."""
+    """The contract's formats only (Pillow's allow-list: no other plugin ever sees the
+    bytes, so e.g. EPS never starts Ghostscript); the size is checked from the header
+    before decoding. Pillow's own bomb guard stays on: it refuses at open what is more
+    than twice its limit, and only warns (ignored here, our limit decides) below that."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=contract.PILLOW_FORMATS)
             width, height = image.size
             _check_pixels(width, height, limits)
             image.draft("RGB", limits.input_size)
@@ -177,8 +222,14 @@ def _decode_with_pillow(data: bytes, limits: FrameLimits) -> tuple[np.ndarray, i
     except _Rejected:
         raise
     except UnidentifiedImageError as exc:
-        raise _Rejected(dl.NOT_AN_IMAGE, "payload is not a decodable image") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _Rejected(
+            dl.NOT_AN_IMAGE, f"payload is no image of an accepted format ({ACCEPTED_FORMATS_TEXT})"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise _Rejected(
+            dl.TOO_MANY_PIXELS, "image exceeds the decoder's decompression-bomb limit"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise _Rejected(dl.CORRUPT_IMAGE, "image data is corrupt or truncated") from exc
     if image.mode != "RGB":
         try:
@@ -221,7 +272,7 @@ def prepare_frame(raw: RawFrame, limits: FrameLimits) -> PreparedFrame | DeadLet
             raise _Rejected(
                 dl.TOO_LARGE, f"{len(raw.value)} bytes exceeds the limit of {limits.max_bytes}"
             )
-        meta = parse_meta(raw)
+        meta = parse_meta(raw, limits)
         pixels, width, height = decode_pixels(raw.value, limits)
     except _Rejected as rejected:
         return dl.reject(
