@@ -23,6 +23,7 @@ from operators.decode import FrameLimits, prepare_frame
 from operators.frames import DeadLetter, FrameBatch, FrameResult, PreparedFrame
 from operators.ingest import error_to_dead_letter, to_raw_frame
 from operators.metrics import PipelineMetrics
+from operators.shedding import shed_stale
 from operators.tracing import Tracing, traced_infer, traced_prepare, traced_source_error
 
 Infer = Callable[[FrameBatch], list[FrameResult]]
@@ -126,9 +127,11 @@ def build_flow(
     prepared = op.branch("split_decode_errors", decoded, _is_prepared)
     # Batched on the worker that read the frame: Bytewax's key hashing would otherwise put
     # 3 or all 4 of 4 cameras' batches on one of 2 workers, depending on the topic's name.
-    keyed = op.key_on(
-        "stream_key", prepared.trues, partial(local_stream_key, by=settings.batch_key)
-    )
+    fresh, stale = prepared.trues, None
+    if settings.max_frame_age_ms > 0:
+        shed = shed_stale("shed_stale", prepared.trues, settings.max_frame_age_ms)
+        fresh, stale = shed.oks, shed.errs
+    keyed = op.key_on("stream_key", fresh, partial(local_stream_key, by=settings.batch_key))
     controller = adaptive_controller(settings) if settings.batch_adaptive else None
     max_size = settings.batch_adaptive_max_size if controller else settings.batch_max_size
     builder = batch_logic_builder(
@@ -151,7 +154,10 @@ def build_flow(
     inferred = op.branch("split_infer_errors", outcomes, _is_result)
 
     op.output("sink", inferred.trues, results)
-    failed = op.merge("dead_letters", source_errors, prepared.falses, inferred.falses)
+    letters = [source_errors, prepared.falses, inferred.falses]
+    if stale is not None:
+        letters.append(stale)
+    failed = op.merge("dead_letters", *letters)
     op.output("dead_letter_sink", failed, dead_letters)
     return flow
 

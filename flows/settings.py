@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     )
 
     # Batching
+    max_frame_age_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="frames older than this (capture to batcher) are skipped, not inferred;"
+        " 0 = never (live cameras: 10000)",
+    )
     batch_max_size: int = Field(default=16, ge=1, le=4096, description="frames per batch")
     batch_max_delay_ms: float = Field(
         default=50.0,

@@ -20,6 +20,7 @@ UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
 DUPLICATE_FRAME_CONFLICT = "duplicate_frame_conflict"
 KAFKA_ERROR = "kafka_error"
 INTERNAL_ERROR = "internal_error"
+STALE = "stale"
 
 REASONS = (
     EMPTY,
@@ -33,6 +34,7 @@ REASONS = (
     DUPLICATE_FRAME_CONFLICT,
     KAFKA_ERROR,
     INTERNAL_ERROR,
+    STALE,
 )
 
 MAX_DETAIL = 300

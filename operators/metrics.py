@@ -54,7 +54,7 @@ OTHER = "other"
 
 STAGES = ("ingest", "decode", "batch", "infer", "sink", "dead_letter_sink")
 """Stages the `stage` label takes (anything else is counted as `other`)."""
-DEAD_LETTER_STAGES = ("ingest", "decode", "infer", "sink")
+DEAD_LETTER_STAGES = ("ingest", "decode", "batch", "infer", "sink")
 """Stages that turn items into dead letters (`DeadLetter.stage`)."""
 SINKS = ("results", "dead_letters")
 """The two sinks: detections and dead letters."""

@@ -4,6 +4,7 @@ once with detections, every bad one as a dead letter, and the flow never crashes
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,7 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from flows.pipeline import build_flow
 from flows.settings import Settings
+from operators import contract
 from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.frames import DeadLetter, FrameBatch, FrameResult
@@ -136,3 +138,26 @@ def test_the_cpu_thread_setting_reaches_worker_threads_started_after_it() -> Non
     finally:
         torch.set_num_threads(before)
     assert seen == [wanted]
+
+
+def test_frames_older_than_the_age_limit_are_skipped_and_accounted_for(
+    inferencer: Inferencer,
+) -> None:
+    now_ms = time.time() * 1000
+
+    def aged(seq: int, age_ms: float) -> KafkaSourceMessage:
+        headers = frame_headers(
+            seq=seq, **{contract.CAPTURE_TIME_MS: f"{now_ms - age_ms:.3f}".encode()}
+        )
+        return message(scene_jpeg(0, seq), seq, 0, headers=list(headers))
+
+    items = [aged(s, 60_000 if s % 2 else 0) for s in range(6)]
+    results, letters = run(Settings(max_frame_age_ms=30_000), items, inferencer)
+    assert sorted(r.meta.seq for r in results) == [0, 2, 4]
+    assert sorted(d.offset for d in letters) == [1, 3, 5]
+    assert {(d.stage, d.reason) for d in letters} == {("batch", dl.STALE)}
+    assert all(d.payload is None and d.frame_id for d in letters)
+
+    results, letters = run(Settings(max_frame_age_ms=0), items, inferencer)
+    assert sorted(r.meta.seq for r in results) == list(range(6))
+    assert letters == []
