@@ -5,12 +5,14 @@
 #   prometheus  - ships promtool, used to check the metrics and alert rules
 #   kubernetes-client - kubectl, whose `kubectl kustomize` builds the Kubernetes overlays
 #                  (skipped when a kubectl is already on PATH, whatever installed it)
+#   ffmpeg      - serves live MPEG-TS and MJPEG streams on loopback for the camera
+#                  producer's live-source tests
 #
 # Services are never started: the tests start their own servers in temporary directories.
 # Safe to run repeatedly; with everything present it only queries dpkg.
 set -euo pipefail
 
-PACKAGES=(postgresql prometheus kubernetes-client)
+PACKAGES=(postgresql prometheus kubernetes-client ffmpeg)
 
 is_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -25,6 +27,7 @@ has_tools() {
             ;;
         prometheus) command -v promtool >/dev/null 2>&1 ;;
         kubernetes-client) command -v kubectl >/dev/null 2>&1 ;;
+        ffmpeg) command -v ffmpeg >/dev/null 2>&1 ;;
         *) return 1 ;;
     esac
 }

@@ -1,14 +1,21 @@
 """The camera producer: publishes JPEG frames to Kafka, one message per frame.
 
 Key = camera id, value = JPEG, headers from `operators.contract.frame_headers`. Frames come
-from synthetic scenes (`operators.scene`), a video file (decoded with PyAV) or a folder of
-images. Every delivery report is checked: a lost frame ends the run with an error.
+from synthetic scenes (`operators.scene`), a video file (decoded with PyAV), a folder of
+images, or a live source that FFmpeg opens through PyAV (RTSP, HTTP, TCP or UDP stream, V4L2
+device). Every delivery report is checked: a lost frame ends the run with an error.
+
+A live source is read on a thread of its own into a bounded queue (`LiveCapture`): it is
+paced by the source, reopened with capped backoff when it drops or stalls, and when Kafka
+cannot keep up the oldest queued frames are dropped (and counted) rather than memory grown.
+Its capture time is each frame's wall-clock arrival at the producer.
 
     python -m flows.camera --brokers HOST:PORT --cameras 4 --fps 15 --frames 300
     python -m flows.camera --brokers HOST:PORT --source clip.mp4 --loop --fps 25
+    python -m flows.camera --brokers HOST:PORT --source rtsp://cam.local/stream --fps 10
 
-Library use (e.g. from a background thread): `synthetic_frames` or `file_frames` make the
-ticks, `publish` sends them through a `CheckedProducer`.
+Library use (e.g. from a background thread): `synthetic_frames`, `file_frames` or
+`LiveCapture.ticks` make the ticks, `publish` sends them through a `CheckedProducer`.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import simplejpeg
@@ -36,6 +45,8 @@ from operators.kafka_io import CheckedProducer, DeliveryError, producer_config
 
 if TYPE_CHECKING:
     from types import FrameType
+
+    import av
 
     from flows.settings import Settings
 
@@ -263,6 +274,394 @@ def file_frames(
         ]
 
 
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https", "tcp", "udp"})
+"""URL schemes read as live streams (FFmpeg's protocols of the same names)."""
+V4L2_PREFIX = "/dev/video"
+DEFAULT_QUEUE_FRAMES = 30
+"""Frames a live source may queue ahead of Kafka (about 1 s at 25-30 frames/s)."""
+QUEUE_POLL_S = 0.1
+"""How often a sender waiting for a live frame looks at its stop event."""
+
+
+def is_live_source(source: str) -> bool:
+    """True for a stream URL (rtsp, rtsps, http, https, tcp, udp) or a V4L2 device path."""
+    scheme, sep, _ = source.partition("://")
+    if sep and scheme.lower() in LIVE_SCHEMES:
+        return True
+    return source.startswith(V4L2_PREFIX) or Path(source).is_char_device()
+
+
+def redact_url(source: str) -> str:
+    """`source` fit for logs: user and password, query and fragment replaced by `***`."""
+    parts = urlsplit(source)
+    if not parts.scheme or not parts.netloc:
+        return source
+    _, at, host = parts.netloc.rpartition("@")
+    netloc = f"***@{host}" if at else host
+    hidden = ("***" if parts.query else "", "***" if parts.fragment else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, *hidden))
+
+
+def parse_ffmpeg_options(pairs: Iterable[str]) -> dict[str, str]:
+    """`["key=value", ...]` as a dict (later keys win); ValueError for a malformed pair."""
+    options: dict[str, str] = {}
+    for number, pair in enumerate(pairs, start=1):
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            # The text may hold a secret (e.g. an Authorization header): name its position.
+            raise ValueError(f"FFmpeg option number {number} is not KEY=VALUE")
+        options[key] = value
+    return options
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSource:
+    """A live stream for FFmpeg (through PyAV): URL or V4L2 device, demuxer, options,
+    timeouts in seconds and the reconnect backoff (doubling from `backoff_initial_s` up to
+    `backoff_max_s`)."""
+
+    url: str
+    options: dict[str, str] = field(default_factory=dict)
+    input_format: str | None = None
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 10.0
+
+    @classmethod
+    def of(cls, url: str, options: dict[str, str] | None = None, **kwargs: Any) -> LiveSource:
+        """A source with this project's defaults: RTSP over TCP (interleaved; fewer lost
+        packets than UDP and one port through firewalls) unless `rtsp_transport` is
+        given, and the `v4l2` demuxer for a device path unless a format is given."""
+        opts = dict(options or {})
+        scheme = url.partition("://")[0].lower()
+        if scheme in {"rtsp", "rtsps"}:
+            opts.setdefault("rtsp_transport", "tcp")
+        if kwargs.get("input_format") is None and "://" not in url:
+            kwargs["input_format"] = "v4l2"
+        return cls(url=url, options=opts, **kwargs)
+
+    @property
+    def name(self) -> str:
+        """The source as it may be logged (credentials redacted)."""
+        return redact_url(self.url)
+
+
+@dataclass(slots=True)
+class LiveStats:
+    """Counters of a live capture: frames decoded, frames skipped by `--fps`, frames
+    dropped from the full queue (oldest first), outages and their total seconds."""
+
+    decoded: int = 0
+    decimated: int = 0
+    dropped: int = 0
+    outages: int = 0
+    outage_seconds: float = 0.0
+
+
+class Decimator:
+    """Keeps at most `fps` frames per second of a source paced by itself (all when 0).
+
+    Keeps a frame at or after half an interval before its due time, then moves the due
+    time one interval on, so that arrival jitter does not skip frames of a source already
+    at or below `fps`; over any span T at most T * fps + 1.5 frames are kept. After a
+    gap of an interval or more, the schedule restarts from the frame kept.
+    """
+
+    def __init__(self, fps: float) -> None:
+        if fps < 0:
+            raise ValueError("fps must be >= 0")
+        self._interval = 1.0 / fps if fps > 0 else 0.0
+        self._due: float | None = None
+
+    def keep(self, now: float) -> bool:
+        """Whether the frame that arrived at `now` (seconds, monotonic) is kept."""
+        interval = self._interval
+        if not interval:
+            return True
+        if self._due is None or now - self._due >= interval:
+            self._due = now + interval
+            return True
+        if now < self._due - interval / 2:
+            return False
+        self._due += interval
+        return True
+
+
+class FrameQueue:
+    """Bounded FIFO of ticks from a capture thread to the sender.
+
+    When it is full, `put` drops the oldest tick (counted in `dropped`, in frames): for
+    live video a late frame is worth less than the newest one. Thread-safe.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._ticks: deque[list[OutgoingFrame]] = deque()
+        self._capacity = capacity
+        self._ready = threading.Condition()
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, tick: list[OutgoingFrame]) -> int:
+        """Queue `tick`; returns the frames dropped to make room (0 or the oldest tick's)."""
+        with self._ready:
+            dropped = 0
+            if len(self._ticks) >= self._capacity:
+                dropped = len(self._ticks.popleft())
+                self.dropped += dropped
+            self._ticks.append(tick)
+            self._ready.notify()
+            return dropped
+
+    def get(self, timeout_s: float) -> list[OutgoingFrame] | None:
+        """The oldest tick, waiting up to `timeout_s`; None when there is none yet."""
+        with self._ready:
+            if not self._ticks and not self._closed:
+                self._ready.wait(timeout_s)
+            return self._ticks.popleft() if self._ticks else None
+
+    def close(self) -> None:
+        """No more ticks will come: `get` stops waiting."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    @property
+    def done(self) -> bool:
+        """Closed and empty."""
+        with self._ready:
+            return self._closed and not self._ticks
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._ticks)
+
+
+def _is_permanent(exc: Exception) -> bool:
+    """Errors no reconnect can fix: unknown protocol, demuxer, decoder or option."""
+    import av
+
+    permanent = (
+        av.error.ProtocolNotFoundError,
+        av.error.DemuxerNotFoundError,
+        av.error.DecoderNotFoundError,
+        av.error.OptionNotFoundError,
+    )
+    return isinstance(exc, permanent) or (
+        isinstance(exc, ValueError) and not isinstance(exc, av.FFmpegError)
+    )
+
+
+def _reason(exc: BaseException | None) -> str:
+    """Why a stream stopped, without the URL FFmpeg puts into its messages."""
+    if exc is None:
+        return "end of stream"
+    strerror = getattr(exc, "strerror", None)
+    return f"{type(exc).__name__}: {strerror}" if strerror else type(exc).__name__
+
+
+class _Outages:
+    """Logs each outage of a live source once when it starts and once when it ends,
+    and counts it; waiting for a source that never delivered is not an outage."""
+
+    def __init__(self, source: LiveSource, stats: LiveStats) -> None:
+        self._source = source
+        self._stats = stats
+        self._since: float | None = None
+        self._delivered = False
+
+    def failed(self, reason: str) -> None:
+        """A read or (re)open failed, or the stream ended: begins an outage if none is on."""
+        if self._since is not None:
+            return
+        self._since = time.monotonic()
+        if self._delivered:
+            self._stats.outages += 1
+            logger.warning(
+                "live source %s lost (%s); reconnecting with backoff up to %.1f s",
+                self._source.name,
+                reason,
+                self._source.backoff_max_s,
+            )
+        else:
+            logger.warning(
+                "live source %s not available yet (%s); retrying with backoff up to %.1f s",
+                self._source.name,
+                reason,
+                self._source.backoff_max_s,
+            )
+
+    def frame(self) -> None:
+        """A frame arrived: ends the outage, if one is on, with its duration."""
+        if self._since is not None:
+            seconds = time.monotonic() - self._since
+            if self._delivered:
+                self._stats.outage_seconds += seconds
+                logger.warning(
+                    "live source %s back after %.1f s (outage %d)",
+                    self._source.name,
+                    seconds,
+                    self._stats.outages,
+                )
+            else:
+                logger.warning("live source %s available after %.1f s", self._source.name, seconds)
+            self._since = None
+        self._delivered = True
+
+
+def live_video_frames(
+    source: LiveSource, *, stop: threading.Event, stats: LiveStats
+) -> Iterator[tuple[av.VideoFrame, float]]:
+    """Yield (decoded frame, wall-clock arrival in ms since the epoch) from `source` until
+    `stop` is set, reopening it whenever it fails, ends or stalls past `read_timeout_s`.
+
+    Reopens wait `backoff_initial_s`, doubling up to `backoff_max_s` (reset by the next
+    frame). Raises ValueError for what no reopen can fix (unknown protocol, demuxer,
+    decoder or option; no video stream). Each outage is logged once and counted in
+    `stats`.
+    """
+    import av
+
+    outages = _Outages(source, stats)
+    backoff = source.backoff_initial_s
+    while not stop.is_set():
+        failure: Exception | None = None
+        try:
+            container = av.open(
+                source.url,
+                format=source.input_format,
+                options=dict(source.options),
+                timeout=(source.open_timeout_s, source.read_timeout_s),
+            )
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            if _is_permanent(exc):
+                raise ValueError(f"cannot open {source.name}: {_reason(exc)}") from None
+            failure = exc
+        else:
+            with container:
+                if not container.streams.video:
+                    raise ValueError(f"{source.name} has no video stream")
+                stream = container.streams.video[0]
+                # Slice threads only: frame threads would hold frames back for latency.
+                stream.thread_type = "SLICE"
+                try:
+                    for frame in container.decode(stream):
+                        arrived = _now_ms()
+                        outages.frame()
+                        backoff = source.backoff_initial_s
+                        stats.decoded += 1
+                        yield frame, arrived
+                        if stop.is_set():
+                            return
+                except (av.FFmpegError, OSError) as exc:
+                    failure = exc
+        if stop.is_set():
+            return
+        outages.failed(_reason(failure))
+        if stop.wait(backoff):
+            return
+        backoff = min(backoff * 2, source.backoff_max_s)
+
+
+class LiveCapture:
+    """Captures a live source on a background thread into a bounded `FrameQueue`.
+
+    Frames are paced by the source; `fps` > 0 keeps at most that many per second
+    (`Decimator`). Each kept frame is JPEG-encoded at the stream's own size and stamped
+    with its wall-clock arrival time; all `cameras` get the same frame, with one sequence
+    number per capture. `stats` counts frames decoded, decimated, dropped and outages.
+    """
+
+    def __init__(
+        self,
+        source: LiveSource,
+        *,
+        cameras: int = 1,
+        fps: float = 0.0,
+        quality: int = 85,
+        queue_frames: int = DEFAULT_QUEUE_FRAMES,
+        frames_per_camera: int | None = None,
+    ) -> None:
+        if cameras < 1:
+            raise ValueError("cameras must be at least 1")
+        self.source = source
+        self.stats = LiveStats()
+        self._cameras = cameras
+        self._decimator = Decimator(fps)
+        self._quality = quality
+        self._queue = FrameQueue(queue_frames)
+        self._frames_per_camera = frames_per_camera
+        self._error: BaseException | None = None
+        self._warned_drop = False
+
+    def _capture(self, halt: threading.Event) -> None:
+        seq = 0
+        try:
+            for frame, arrived in live_video_frames(self.source, stop=halt, stats=self.stats):
+                if not self._decimator.keep(time.monotonic()):
+                    self.stats.decimated += 1
+                    continue
+                jpeg = encode_rgb(frame.to_ndarray(format="rgb24"), self._quality)
+                tick = [
+                    OutgoingFrame(camera=camera_id(i), seq=seq, jpeg=jpeg, capture_time_ms=arrived)
+                    for i in range(self._cameras)
+                ]
+                seq += 1
+                if self._queue.put(tick) and not self._warned_drop:
+                    self._warned_drop = True
+                    logger.warning(
+                        "Kafka is not keeping up with %s: dropping the oldest queued frames "
+                        "(total at exit)",
+                        self.source.name,
+                    )
+                self.stats.dropped = self._queue.dropped
+        except BaseException as exc:  # handed to the sender's thread, which raises it
+            self._error = exc
+        finally:
+            self._queue.close()
+
+    def ticks(
+        self, stop: threading.Event | None = None
+    ) -> Generator[list[OutgoingFrame], None, None]:
+        """Start capturing; yield queued ticks oldest first until `stop` is set, the
+        `frames_per_camera` limit or a capture error (raised here). Closing the iterator
+        stops the capture thread."""
+        halt = threading.Event()
+        thread = threading.Thread(
+            target=self._capture, args=(halt,), name="camera-capture", daemon=True
+        )
+        thread.start()
+        try:
+            for _ in _ticks_range(self._frames_per_camera):
+                tick = None
+                while tick is None:
+                    if stop is not None and stop.is_set():
+                        return
+                    tick = self._queue.get(QUEUE_POLL_S)
+                    if tick is None and self._queue.done:
+                        if self._error is not None:
+                            raise self._error
+                        return
+                yield tick
+        finally:
+            halt.set()
+            # A read blocked in FFmpeg returns within the read timeout; the thread is a
+            # daemon, so a stuck device cannot keep the process alive.
+            thread.join(self.source.read_timeout_s + 1.0)
+            self.stats.dropped = self._queue.dropped
+
+    def summary(self) -> str:
+        """`key=value` fields of `stats` for the summary line."""
+        s = self.stats
+        return (
+            f"decoded={s.decoded} decimated={s.decimated} dropped={s.dropped} "
+            f"outages={s.outages} outage_seconds={s.outage_seconds:.1f}"
+        )
+
+
 def publish(
     producer: CheckedProducer,
     topic: str,
@@ -407,10 +806,16 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         default="synthetic",
-        help="'synthetic', a video file or a folder of images (default: %(default)s)",
+        help="'synthetic', a video file, a folder of images, or a live source: a stream URL "
+        "(rtsp://, rtsps://, http(s)://, tcp://, udp://) or a V4L2 device such as /dev/video0 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
-        "--fps", type=float, default=15.0, help="frames/s per camera; 0 = as fast as possible"
+        "--fps",
+        type=float,
+        help="frames/s per camera: the pace of a synthetic or file source (default 15; "
+        "0 = as fast as possible); a live source is paced by itself and keeps at most this "
+        "many (default: every frame)",
     )
     parser.add_argument("--cameras", type=int, default=1, help="cameras cam-0..cam-N-1")
     parser.add_argument(
@@ -445,6 +850,46 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "hash: the producer's key hash (default: %(default)s)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress, summary only")
+    live = parser.add_argument_group("live sources")
+    live.add_argument(
+        "-o",
+        "--ffmpeg-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="FFmpeg option for opening the stream, repeatable (e.g. rtsp_transport=udp, "
+        "rw_timeout=5000000, video_size=1280x720 for a webcam); RTSP defaults to TCP",
+    )
+    live.add_argument(
+        "--input-format",
+        help="FFmpeg demuxer to use instead of probing (default: v4l2 for a device path)",
+    )
+    live.add_argument(
+        "--open-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for a stream to open (default: %(default)s)",
+    )
+    live.add_argument(
+        "--read-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without data after which a stream counts as stalled and is reopened "
+        "(default: %(default)s)",
+    )
+    live.add_argument(
+        "--reconnect-max",
+        type=float,
+        default=10.0,
+        help="longest wait between reopen attempts; waits double from 0.5 s (default: %(default)s)",
+    )
+    live.add_argument(
+        "--queue-frames",
+        type=int,
+        default=DEFAULT_QUEUE_FRAMES,
+        help="frames per camera that may wait for Kafka, in this queue and again in the "
+        "Kafka client's; when full the oldest is dropped (default: %(default)s)",
+    )
     security = parser.add_argument_group("Kafka security (override STREAMSIGHT_* settings)")
     security.add_argument(
         "--security-protocol", choices=["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
@@ -460,7 +905,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.brokers:
         parser.error("--brokers is required (or set STREAMSIGHT_BROKERS)")
-    if args.fps < 0:
+    if args.fps is not None and args.fps < 0:
         parser.error("--fps must be >= 0")
     if args.cameras < 1:
         parser.error("--cameras must be at least 1")
@@ -474,12 +919,32 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--width and --height must be at least 16")
     if not args.job_id or len(args.job_id) > MAX_ID_LENGTH:
         parser.error(f"--job-id must be 1 to {MAX_ID_LENGTH} characters")
+    if is_live_source(args.source):
+        _validate_live(parser, args)
+        return
+    if args.ffmpeg_option or args.input_format:
+        parser.error("--ffmpeg-option and --input-format apply to live sources only")
     if args.source != "synthetic" and not Path(args.source).exists():
         parser.error(f"--source {args.source}: no such file or folder")
 
 
+def _validate_live(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.loop:
+        parser.error("--loop does not apply to a live source")
+    for name in ("open_timeout", "read_timeout", "reconnect_max"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.queue_frames < 1:
+        parser.error("--queue-frames must be at least 1")
+    try:
+        parse_ffmpeg_options(args.ffmpeg_option)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def _settings_with(args: argparse.Namespace) -> Settings:
-    from flows.settings import Settings
+    """The settings with the Kafka flags on top; exits with one line per bad one."""
+    from flows.settings import settings_or_exit
 
     overrides = {
         "brokers": args.brokers,
@@ -490,34 +955,51 @@ def _settings_with(args: argparse.Namespace) -> Settings:
         "ssl_certificate_location": args.ssl_certificate_location,
         "ssl_key_location": args.ssl_key_location,
     }
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    # A bad value is named as the flag it came from, not as the variable it overrides.
+    return settings_or_exit(given, names={k: "--" + k.replace("_", "-") for k in given})
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the camera CLI; exits 0 when every frame was delivered, 1 on any failure."""
-    from pydantic import ValidationError
-
-    from flows.settings import Settings
+    from flows.settings import settings_or_exit
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        base = Settings()
-    except ValidationError as exc:
-        print(f"error: invalid STREAMSIGHT_* settings: {exc}", file=sys.stderr)
-        sys.exit(2)
+    base = settings_or_exit()  # one line per bad STREAMSIGHT_* setting, no values, exit 2
     parser = _parser(base)
     args = parser.parse_args(argv)
     if args.job_id is None:
         args.job_id = _default_job_id()
     _validate(parser, args)
-    try:
-        settings = _settings_with(args)
-    except ValidationError as exc:
-        print(f"error: invalid Kafka settings: {exc}", file=sys.stderr)
-        sys.exit(2)
+    settings = _settings_with(args)
 
+    sys.exit(_run(args, settings, _frames_of(args)))
+
+
+def _frames_of(args: argparse.Namespace) -> Iterable[list[OutgoingFrame]] | LiveCapture:
+    """The ticks of the CLI's source, or the capture of a live one (started by `_run`)."""
+    if is_live_source(args.source):
+        source = LiveSource.of(
+            args.source,
+            parse_ffmpeg_options(args.ffmpeg_option),
+            input_format=args.input_format,
+            open_timeout_s=args.open_timeout,
+            read_timeout_s=args.read_timeout,
+            backoff_initial_s=min(0.5, args.reconnect_max),
+            backoff_max_s=args.reconnect_max,
+        )
+        return LiveCapture(
+            source,
+            cameras=args.cameras,
+            fps=args.fps or 0.0,
+            quality=args.quality,
+            queue_frames=args.queue_frames,
+            frames_per_camera=args.frames,
+        )
+    if args.fps is None:
+        args.fps = 15.0
     if args.source == "synthetic":
-        ticks = synthetic_frames(
+        return synthetic_frames(
             args.cameras,
             args.frames,
             width=args.width,
@@ -525,16 +1007,14 @@ def main(argv: list[str] | None = None) -> None:
             quality=args.quality,
             seed=args.seed,
         )
-    else:
-        ticks = file_frames(
-            Path(args.source),
-            args.cameras,
-            loop=args.loop,
-            quality=args.quality,
-            reencode=args.reencode,
-            frames_per_camera=args.frames,
-        )
-    sys.exit(_run(args, settings, ticks))
+    return file_frames(
+        Path(args.source),
+        args.cameras,
+        loop=args.loop,
+        quality=args.quality,
+        reencode=args.reencode,
+        frames_per_camera=args.frames,
+    )
 
 
 class _Unreachable(Exception):
@@ -544,8 +1024,12 @@ class _Unreachable(Exception):
         super().__init__(f"cannot read Kafka metadata from {brokers}: {cause}")
 
 
-def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[OutgoingFrame]]) -> int:
-    """Publish `ticks` as the CLI does; returns the exit status."""
+def _run(
+    args: argparse.Namespace,
+    settings: Settings,
+    frames: Iterable[list[OutgoingFrame]] | LiveCapture,
+) -> int:
+    """Publish `frames` (ticks, or a live capture) as the CLI does; returns the exit status."""
     from confluent_kafka import KafkaException
 
     stop = threading.Event()
@@ -572,6 +1056,16 @@ def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[Outg
     tracing = setup_tracing("streamsight-camera")
     config = producer_config(settings, client_id=args.client_id)
     config["message.timeout.ms"] = max(1, int(args.delivery_timeout * 1000))
+    live = frames if isinstance(frames, LiveCapture) else None
+    live_ticks = None
+    ticks: Iterable[list[OutgoingFrame]]
+    if live is not None:
+        # Bound the Kafka client's queue too: when it is full, produce() waits and the
+        # capture's own queue drops its oldest frames instead of memory growing.
+        config["queue.buffering.max.messages"] = args.queue_frames * args.cameras
+        ticks = live_ticks = live.ticks(stop)
+    else:
+        ticks = frames
     producer = CheckedProducer(config)
     started = time.monotonic()
     status = 0
@@ -591,7 +1085,7 @@ def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[Outg
             args.topic,
             ticks,
             job_id=args.job_id,
-            fps=args.fps,
+            fps=0.0 if live is not None else args.fps,
             stop=stop,
             on_sent=_on_sent,
             partitions=partitions,
@@ -615,10 +1109,12 @@ def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[Outg
         print(f"error: Kafka refused a frame: {exc}", file=sys.stderr)
     except (OSError, ValueError) as exc:
         status = 1
-        print(f"error: source {args.source}: {exc}", file=sys.stderr)
+        print(f"error: source {redact_url(args.source)}: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         status = 130
     finally:
+        if live_ticks is not None:
+            live_ticks.close()  # stops the capture thread
         progress.close()
         producer.close()
         tracing.flush()
@@ -627,7 +1123,8 @@ def _run(args: argparse.Namespace, settings: Settings, ticks: Iterable[list[Outg
     fps = producer.delivered / seconds if seconds > 0 else 0.0
     print(
         f"summary: sent={sent} delivered={producer.delivered} failed={failed} "
-        f"seconds={seconds:.2f} fps={fps:.1f} topic={args.topic} job_id={args.job_id}",
+        f"seconds={seconds:.2f} fps={fps:.1f} topic={args.topic} job_id={args.job_id}"
+        + (f" {live.summary()}" if live is not None else ""),
         flush=True,
     )
     if status == 0 and failed:
