@@ -19,6 +19,7 @@ TOO_MANY_PIXELS = "too_many_pixels"
 UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
 DUPLICATE_FRAME_CONFLICT = "duplicate_frame_conflict"
 KAFKA_ERROR = "kafka_error"
+SINK_REJECTED = "sink_rejected"
 INTERNAL_ERROR = "internal_error"
 STALE = "stale"
 
@@ -33,6 +34,7 @@ REASONS = (
     UNSUPPORTED_IMAGE_MODE,
     DUPLICATE_FRAME_CONFLICT,
     KAFKA_ERROR,
+    SINK_REJECTED,
     INTERNAL_ERROR,
     STALE,
 )

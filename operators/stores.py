@@ -3,6 +3,8 @@
 `open_store(url)` takes `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` or
 `postgresql://user:password@host:port/dbname` (also `postgres://`) and returns a
 `DetectionStore`. The tables are created when a store is opened, if they do not exist.
+A SQLite file's directory must exist, except the default `.streamsight/`, which is created
+when its own parent exists: a mistyped path never creates directories elsewhere.
 
 Frames are keyed by `frame_id` (see `FrameMeta`), dead letters by the Kafka coordinates of
 the message and the stage that rejected it, so writing the same result or dead letter
@@ -62,8 +64,11 @@ file at once, each with its own store. PostgreSQL uses psycopg 3 with one connec
 store; rows are written in `frame_id` order (so concurrent writers of overlapping frames
 cannot deadlock), and a dropped connection is reopened and the write retried once.
 
-A store object is used by one thread at a time. Connection errors raise
-`StoreConnectionError`, whose message shows the URL with its password masked.
+A store object is used by one thread at a time. Errors are `StoreError`s with one-line
+messages free of secrets (URLs shown with the password masked): `RowsRejected` when the
+database refused the rows themselves (a value out of a column's range, a constraint, text
+it cannot encode), so that writing them again fails again; `StoreConnectionError` when it
+could not be reached; a plain `StoreError` for anything else.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -229,6 +235,24 @@ class StoreConnectionError(StoreError):
     """The database could not be reached or opened (message free of secrets)."""
 
 
+class RowsRejected(StoreError):
+    """The database refused the rows of a write because of their values (out of a column's
+    range, a constraint, text it cannot encode): the same rows fail again, other rows may
+    pass. The message is the database's, one line, free of secrets and row values."""
+
+
+# SQLSTATE classes of errors caused by the rows written: data exception, integrity
+# constraint violation, program limit exceeded (e.g. an index row too large).
+_ROW_ERROR_CLASSES = ("22", "23", "54")
+# What binding a value the column or the driver cannot take raises on the client side.
+_VALUE_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError)
+_SQLITE_ROW_ERRORS: tuple[type[Exception], ...] = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    *_VALUE_ERRORS,
+)
+
+
 @dataclass(frozen=True)
 class WriteOutcome:
     """Rows written by one call: `inserted` new ones, `duplicates` already stored."""
@@ -342,6 +366,21 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
+def one_line(text: str) -> str:
+    """`text` with its runs of whitespace, line breaks included, made single spaces."""
+    return " ".join(text.split())
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` is valid UTF-8 text (a lone surrogate is not): others cannot be
+    stored, so they are never looked up either."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _finite(value: float) -> float | None:
     number = float(value)
     return number if math.isfinite(number) else None
@@ -444,15 +483,39 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+DEFAULT_DIRECTORY = ".streamsight"
+"""The one directory a SQLite store creates when it is missing (the default sink's)."""
+
+
+def _ensure_directory(file: Path) -> None:
+    """Make sure the directory of `file` exists: the default `.streamsight/` is created
+    when its parent exists; any other missing directory raises `StoreConnectionError`."""
+    directory = file.parent
+    if directory.is_dir():
+        return
+    problem = "is not a directory" if directory.exists() else "does not exist"
+    if not directory.exists() and directory.name == DEFAULT_DIRECTORY and directory.parent.is_dir():
+        try:
+            directory.mkdir(exist_ok=True)  # workers opening the store at once race here
+            return
+        except OSError as exc:
+            problem = f"cannot be created ({exc.strerror})"
+    raise StoreConnectionError(
+        f"cannot open SQLite store {str(file)!r}: directory {str(directory)!r} {problem}"
+        f" (create it first; only a missing {DEFAULT_DIRECTORY}/ is created)"
+    )
+
+
 class SQLiteStore:
     """A store in one SQLite file (WAL mode), safe to share between processes."""
 
     def __init__(self, path: str | Path) -> None:
-        """Open `path` (creating it and its parent directories) and create the tables."""
+        """Open `path` (creating the file, and the default `.streamsight/` directory) and
+        create the tables; raises `StoreConnectionError`."""
         self.path = Path(path)
         in_memory = str(path) == ":memory:"
         if not in_memory:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _ensure_directory(self.path)
         try:
             self._conn = sqlite3.connect(
                 str(path),
@@ -496,6 +559,20 @@ class SQLiteStore:
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.5)
 
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn what SQLite raises into `RowsRejected` (caused by the rows) or `StoreError`."""
+        try:
+            yield
+        except _SQLITE_ROW_ERRORS as exc:
+            raise RowsRejected(
+                one_line(f"SQLite rejected the rows: {type(exc).__name__}: {exc}")
+            ) from None
+        except sqlite3.Error as exc:
+            raise StoreError(
+                one_line(f"SQLite store {str(self.path)!r}: {type(exc).__name__}: {exc}")
+            ) from None
+
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one write transaction (taking the write lock up front)."""
         conn = self._conn
@@ -526,36 +603,41 @@ class SQLiteStore:
     def stored_hashes(self, frame_ids: Sequence[str]) -> dict[str, str]:
         """Map each of `frame_ids` already stored to its stored `content_sha256`."""
         found: dict[str, str] = {}
-        unique = sorted(set(frame_ids))
-        for chunk in _chunks(unique, 500):
-            marks = ", ".join("?" for _ in chunk)
-            cursor = self._conn.execute(
-                f"SELECT frame_id, content_sha256 FROM detections WHERE frame_id IN ({marks})",
-                list(chunk),
-            )
-            found.update(cursor.fetchall())
+        unique = sorted({frame_id for frame_id in frame_ids if _encodable(frame_id)})
+        with self._errors():
+            for chunk in _chunks(unique, 500):
+                marks = ", ".join("?" for _ in chunk)
+                cursor = self._conn.execute(
+                    f"SELECT frame_id, content_sha256 FROM detections WHERE frame_id IN ({marks})",
+                    list(chunk),
+                )
+                found.update(cursor.fetchall())
         return found
 
     def write_results(self, results: Sequence[FrameResult], written_ns: int) -> WriteOutcome:
-        """Insert one row per result in one transaction; existing frame_ids are skipped."""
+        """Insert one row per result in one transaction; existing frame_ids are skipped.
+        Raises `RowsRejected` when a row's values cannot be stored (nothing is written)."""
         if not results:
             return WriteOutcome(0, 0)
-        rows = [
-            tuple(_dumps(row[c]) if c == "detections" else row[c] for c in RESULT_COLUMNS)
-            for row in _result_rows(results, written_ns)
-        ]
-        inserted = self._insert("detections", RESULT_COLUMNS, rows)
+        with self._errors():
+            rows = [
+                tuple(_dumps(row[c]) if c == "detections" else row[c] for c in RESULT_COLUMNS)
+                for row in _result_rows(results, written_ns)
+            ]
+            inserted = self._insert("detections", RESULT_COLUMNS, rows)
         return WriteOutcome(inserted, len(rows) - inserted)
 
     def write_dead_letters(self, letters: Sequence[DeadLetter], written_ns: int) -> WriteOutcome:
-        """Insert dead letters in one transaction; existing keys are skipped."""
+        """Insert dead letters in one transaction; existing keys are skipped. Raises
+        `RowsRejected` when a row's values cannot be stored (nothing is written)."""
         if not letters:
             return WriteOutcome(0, 0)
-        rows = [
-            tuple(row[c] for c in DEAD_LETTER_COLUMNS)
-            for row in _dead_letter_rows(letters, written_ns)
-        ]
-        inserted = self._insert("dead_letters", DEAD_LETTER_COLUMNS, rows)
+        with self._errors():
+            rows = [
+                tuple(row[c] for c in DEAD_LETTER_COLUMNS)
+                for row in _dead_letter_rows(letters, written_ns)
+            ]
+            inserted = self._insert("dead_letters", DEAD_LETTER_COLUMNS, rows)
         return WriteOutcome(inserted, len(rows) - inserted)
 
     def _count(self, table: str) -> int:
@@ -600,6 +682,13 @@ def _pg_clean(value: Any) -> Any:
     return value
 
 
+def _caused_by_rows(exc: psycopg.Error) -> bool:
+    """Whether PostgreSQL (or psycopg, before sending) refused the rows' values."""
+    if exc.sqlstate:
+        return exc.sqlstate[:2] in _ROW_ERROR_CLASSES
+    return isinstance(exc, psycopg.DataError)
+
+
 class PostgresStore:
     """A store in a PostgreSQL database, one psycopg connection per store."""
 
@@ -642,15 +731,19 @@ class PostgresStore:
                 options["application_name"] = APPLICATION_NAME
             self._conn = psycopg.connect(self._url, autocommit=False, **options)
         except psycopg.Error as exc:
-            message = _scrub(str(exc).strip(), self._url)
+            message = _scrub(str(exc), self._url)
             raise StoreConnectionError(
-                f"cannot connect to PostgreSQL at {self.url}: {type(exc).__name__}: {message}"
+                one_line(
+                    f"cannot connect to PostgreSQL at {self.url}: {type(exc).__name__}: {message}"
+                )
             ) from None
         return self._conn
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run `work` in one transaction and commit it. A broken connection is reopened
-        and a deadlock retried; every write is idempotent, so repeating it is safe."""
+        once and a deadlock retried (every write is idempotent, so repeating it is safe);
+        then errors caused by the rows raise `RowsRejected`, a lost connection
+        `StoreConnectionError`, anything else `StoreError`."""
         attempts = 3
         for attempt in range(1, attempts + 1):
             conn = self._connect()
@@ -664,11 +757,21 @@ class PostgresStore:
                     raise StoreError(self._describe(exc)) from None
                 log.warning("retrying a store transaction after %s", type(exc).__name__)
                 time.sleep(0.05 * attempt)
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
                 self._rollback(conn)
-                if not (conn.closed or conn.broken) or attempt >= 2:
-                    raise StoreError(self._describe(exc)) from None
-                log.warning("PostgreSQL connection lost (%s); reconnecting", type(exc).__name__)
+                if _caused_by_rows(exc):
+                    raise RowsRejected(self._rejection(exc)) from None
+                lost = conn.closed or conn.broken
+                if lost and attempt < 2:
+                    # Info only: when the server is down, the sink's retry warns for it.
+                    log.info("PostgreSQL connection lost (%s); reconnecting", type(exc).__name__)
+                    continue
+                if lost or isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                    raise StoreConnectionError(self._describe(exc)) from None
+                raise StoreError(self._describe(exc)) from None
+            except _VALUE_ERRORS as exc:  # a value psycopg cannot send, e.g. a lone surrogate
+                self._rollback(conn)
+                raise RowsRejected(self._rejection(exc)) from None
             except BaseException:
                 self._rollback(conn)
                 raise
@@ -677,8 +780,19 @@ class PostgresStore:
     def _describe(self, exc: BaseException) -> str:
         sqlstate = getattr(exc, "sqlstate", None)
         state = f" [{sqlstate}]" if sqlstate else ""
-        message = _scrub(str(exc).strip(), self._url)
-        return f"PostgreSQL at {self.url}: {type(exc).__name__}{state}: {message}"
+        message = _scrub(str(exc), self._url)
+        return one_line(f"PostgreSQL at {self.url}: {type(exc).__name__}{state}: {message}")
+
+    def _rejection(self, exc: BaseException) -> str:
+        """The server's primary message for rows it refused: its DETAIL, which quotes
+        the failing row, is left out."""
+        sqlstate = getattr(exc, "sqlstate", None)
+        state = f" [{sqlstate}]" if sqlstate else ""
+        message = str(exc)
+        if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+            message = exc.diag.message_primary
+        message = _scrub(message, self._url)
+        return one_line(f"PostgreSQL rejected the rows: {type(exc).__name__}{state}: {message}")
 
     @staticmethod
     def _rollback(conn: psycopg.Connection[Any]) -> None:
@@ -738,7 +852,9 @@ class PostgresStore:
 
     def stored_hashes(self, frame_ids: Sequence[str]) -> dict[str, str]:
         """Map each of `frame_ids` already stored to its stored `content_sha256`."""
-        originals = {_pg_clean(frame_id): frame_id for frame_id in frame_ids}
+        originals = {
+            _pg_clean(frame_id): frame_id for frame_id in frame_ids if _encodable(frame_id)
+        }
         if not originals:
             return {}
 

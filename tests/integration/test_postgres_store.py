@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 import traceback
 from collections.abc import Iterator
+from dataclasses import replace
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier as BarrierType
 from pathlib import Path
@@ -22,6 +23,7 @@ from operators.stores import (
     RESULT_COLUMNS,
     DetectionStore,
     PostgresStore,
+    RowsRejected,
     SQLiteStore,
     StoreConnectionError,
     WriteOutcome,
@@ -113,11 +115,45 @@ def test_a_failing_row_rolls_back_the_whole_batch(store: DetectionStore) -> None
     rows = [make_result(i) for i in range(1500)]
     rows.append(make_result(2000, job_id=None))  # type: ignore[arg-type]
 
-    with pytest.raises(psycopg.errors.NotNullViolation):
+    with pytest.raises(RowsRejected) as info:
         store.write_results(rows, WRITTEN_NS)
 
+    assert str(info.value) == (
+        "PostgreSQL rejected the rows: NotNullViolation [23502]: null value in column"
+        ' "job_id" of relation "detections" violates not-null constraint'
+    )  # the primary message only: no row values from the server's DETAIL
     assert store.count_results() == 0
     assert store.write_results(rows[:3], WRITTEN_NS) == WriteOutcome(3, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seq": 2**63}, "NumericValueOutOfRange [22003]: bigint out of range"),
+        ({"capture_ns": 2**64}, "NumericValueOutOfRange [22003]: bigint out of range"),
+        ({"ingest_ns": -(2**63) - 1}, "NumericValueOutOfRange [22003]: bigint out of range"),
+        ({"partition": 2**31}, "NumericValueOutOfRange [22003]: integer out of range"),
+        ({"job_id": "a\udcff"}, "UnicodeEncodeError"),
+    ],
+    ids=["seq", "capture_ns", "ingest_ns", "partition", "surrogate"],
+)
+def test_values_the_columns_cannot_hold_are_rejected_rows(
+    store: DetectionStore, change: dict[str, object], message: str
+) -> None:
+    good = make_result(0)
+    bad = make_result(1)
+    bad = replace(bad, meta=replace(bad.meta, **change))
+
+    with pytest.raises(RowsRejected) as info:
+        store.write_results([good, bad], WRITTEN_NS)
+
+    assert str(info.value).startswith("PostgreSQL rejected the rows: ")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert store.count_results() == 0
+    assert store.stored_hashes([bad.meta.frame_id, good.meta.frame_id, "x\udcff/c/1"]) == {}
+    with pytest.raises(RowsRejected):
+        store.write_dead_letters([replace(make_letter(1), offset=2**63)], WRITTEN_NS)
+    assert store.write_results([good], WRITTEN_NS) == WriteOutcome(1, 0)
 
 
 def test_schema_types_and_columns(store: DetectionStore, postgres_store_url: str) -> None:

@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from operators.stores import (
     DEAD_LETTER_COLUMNS,
     RESULT_COLUMNS,
     DetectionStore,
+    RowsRejected,
     SQLiteStore,
     StoreConnectionError,
     WriteOutcome,
@@ -118,6 +120,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    (tmp_path / "sink").mkdir()
     return tmp_path / "sink" / "detections.db"
 
 
@@ -176,11 +179,34 @@ def test_a_failing_row_rolls_back_the_whole_batch(store: DetectionStore) -> None
     good = make_result(0)
     bad = make_result(1, job_id=None)  # type: ignore[arg-type]
 
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(RowsRejected, match="NOT NULL constraint failed"):
         store.write_results([good, bad], WRITTEN_NS)
 
     assert store.count_results() == 0
     assert store.write_results([good], WRITTEN_NS) == WriteOutcome(1, 0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"seq": 2**63}, {"capture_ns": 2**64}, {"ingest_ns": -(2**63) - 1}, {"job_id": "a\udcff"}],
+    ids=["seq", "capture_ns", "ingest_ns", "surrogate"],
+)
+def test_values_the_columns_cannot_hold_are_rejected_rows(
+    store: DetectionStore, change: dict[str, object]
+) -> None:
+    good = make_result(0)
+    bad = make_result(1)
+    bad = replace(bad, meta=replace(bad.meta, **change))
+
+    with pytest.raises(RowsRejected) as info:
+        store.write_results([good, bad], WRITTEN_NS)
+
+    assert str(info.value).startswith("SQLite rejected the rows: ")
+    assert "\n" not in str(info.value)
+    assert store.count_results() == 0
+    assert store.stored_hashes([bad.meta.frame_id, good.meta.frame_id, "x\udcff/c/1"]) == {}
+    with pytest.raises(RowsRejected):
+        store.write_dead_letters([replace(make_letter(1), offset=2**63)], WRITTEN_NS)
 
 
 def test_stored_hashes_returns_only_stored_frames(store: DetectionStore) -> None:
@@ -301,23 +327,44 @@ def test_dead_letters_keep_payload_length_and_hash_only(
         assert PAYLOAD_MARKER not in path.read_bytes()
 
 
-def test_open_store_creates_parent_dirs_relative_and_absolute(
+def test_open_store_creates_only_the_default_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    relative = open_store("sqlite:///rel/dir/a.db")
-    absolute_path = tmp_path / "abs" / "dir" / "b.db"
-    absolute = open_store(f"sqlite:///{absolute_path}")
-    assert str(absolute_path).startswith("/")
-    relative.write_results([make_result(0)], WRITTEN_NS)
+    default = open_store("sqlite:///.streamsight/detections.db")
+    existing = tmp_path / "abs" / "dir"
+    existing.mkdir(parents=True)
+    absolute = open_store(f"sqlite:///{existing / 'b.db'}")
+    default.write_results([make_result(0)], WRITTEN_NS)
     absolute.write_results([make_result(1)], WRITTEN_NS)
-    relative.close()
+    default.close()
     absolute.close()
 
-    assert (tmp_path / "rel" / "dir" / "a.db").is_file()
-    assert absolute_path.is_file()
-    with SQLiteStore(tmp_path / "rel" / "dir" / "a.db") as check:
+    assert (tmp_path / ".streamsight" / "detections.db").is_file()
+    assert (existing / "b.db").is_file()
+    with SQLiteStore(tmp_path / ".streamsight" / "detections.db") as check:
         assert check.count_results() == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["missing/dir/a.db", "{tmp}/missing/dir/b.db", "/nonexistent-streamsight/dir/x.db"],
+    ids=["relative", "absolute", "root"],
+)
+def test_a_sqlite_path_in_a_missing_directory_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    file = Path(path.format(tmp=tmp_path))
+    missing = file.parent
+
+    with pytest.raises(StoreConnectionError) as info:
+        open_store(f"sqlite:///{file}")
+
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"directory {str(missing)!r} does not exist" in message
+    assert not missing.exists() and not missing.parent.exists()
 
 
 def test_sqlite_runs_in_wal_mode_and_schema_is_documented(db_path: Path) -> None:
@@ -457,6 +504,7 @@ def test_connection_error_never_shows_the_password(template: str) -> None:
 
     rendered = "".join(traceback.format_exception(info.value))
     assert "cannot connect to PostgreSQL at" in str(info.value)
+    assert "\n" not in str(info.value)  # the flow prints it as its one line
     assert "127.0.0.1" in str(info.value)
     assert "***" in str(info.value)
     assert secret not in rendered
