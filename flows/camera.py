@@ -331,10 +331,13 @@ class LiveSource:
 
     @classmethod
     def of(cls, url: str, options: dict[str, str] | None = None, **kwargs: Any) -> LiveSource:
-        """A source with this project's defaults: RTSP over TCP (interleaved; fewer lost
-        packets than UDP and one port through firewalls) unless `rtsp_transport` is
-        given, and the `v4l2` demuxer for a device path unless a format is given."""
+        """A source with this project's defaults, each overridden by an option given:
+        `fpsprobesize=0` (FFmpeg otherwise reads about 20 frames to guess the frame rate
+        before the first one comes out, then hands them over in a burst: 2.3 s at 10
+        frames/s), RTSP over TCP (interleaved; fewer lost packets than UDP and one port
+        through firewalls), and the `v4l2` demuxer for a device path."""
         opts = dict(options or {})
+        opts.setdefault("fpsprobesize", "0")
         scheme = url.partition("://")[0].lower()
         if scheme in {"rtsp", "rtsps"}:
             opts.setdefault("rtsp_transport", "tcp")
@@ -457,38 +460,44 @@ def _is_permanent(exc: Exception) -> bool:
 
 def _reason(exc: BaseException | None) -> str:
     """Why a stream stopped, without the URL FFmpeg puts into its messages."""
+    import av
+
     if exc is None:
         return "end of stream"
+    if isinstance(exc, av.error.ExitError):
+        # What FFmpeg reports when PyAV's open or read timeout interrupts it.
+        return "timed out or interrupted"
     strerror = getattr(exc, "strerror", None)
     return f"{type(exc).__name__}: {strerror}" if strerror else type(exc).__name__
 
 
 class _Outages:
     """Logs each outage of a live source once when it starts and once when it ends,
-    and counts it; waiting for a source that never delivered is not an outage."""
+    and counts it; waiting for a source that never delivered is not an outage. An outage
+    lasts from the last frame before it (a stall includes its read timeout) to the next."""
 
     def __init__(self, source: LiveSource, stats: LiveStats) -> None:
         self._source = source
         self._stats = stats
         self._since: float | None = None
-        self._delivered = False
+        self._last_frame: float | None = None
 
     def failed(self, reason: str) -> None:
         """A read or (re)open failed, or the stream ended: begins an outage if none is on."""
         if self._since is not None:
             return
-        self._since = time.monotonic()
-        if self._delivered:
+        self._since = time.monotonic() if self._last_frame is None else self._last_frame
+        if self._last_frame is not None:
             self._stats.outages += 1
             logger.warning(
-                "live source %s lost (%s); reconnecting with backoff up to %.1f s",
+                "live source %s lost (%s); reconnecting with backoff up to %.3g s",
                 self._source.name,
                 reason,
                 self._source.backoff_max_s,
             )
         else:
             logger.warning(
-                "live source %s not available yet (%s); retrying with backoff up to %.1f s",
+                "live source %s not available yet (%s); retrying with backoff up to %.3g s",
                 self._source.name,
                 reason,
                 self._source.backoff_max_s,
@@ -496,9 +505,10 @@ class _Outages:
 
     def frame(self) -> None:
         """A frame arrived: ends the outage, if one is on, with its duration."""
+        now = time.monotonic()
         if self._since is not None:
-            seconds = time.monotonic() - self._since
-            if self._delivered:
+            seconds = now - self._since
+            if self._last_frame is not None:
                 self._stats.outage_seconds += seconds
                 logger.warning(
                     "live source %s back after %.1f s (outage %d)",
@@ -509,7 +519,7 @@ class _Outages:
             else:
                 logger.warning("live source %s available after %.1f s", self._source.name, seconds)
             self._since = None
-        self._delivered = True
+        self._last_frame = now
 
 
 def live_video_frames(

@@ -16,8 +16,10 @@ from flows.camera import (
     FrameQueue,
     LiveCapture,
     LiveSource,
+    LiveStats,
     OutgoingFrame,
     is_live_source,
+    live_video_frames,
     parse_ffmpeg_options,
     publish,
     redact_url,
@@ -72,11 +74,11 @@ def test_ffmpeg_options_parse_and_errors_name_the_key_only() -> None:
 
 def test_live_source_defaults() -> None:
     rtsp = LiveSource.of("rtsp://cam/stream")
-    assert rtsp.options == {"rtsp_transport": "tcp"}
+    assert rtsp.options == {"rtsp_transport": "tcp", "fpsprobesize": "0"}
     assert rtsp.input_format is None
-    udp = LiveSource.of("rtsps://cam/stream", {"rtsp_transport": "udp"})
-    assert udp.options == {"rtsp_transport": "udp"}
-    assert LiveSource.of("http://cam/live.ts").options == {}
+    udp = LiveSource.of("rtsps://cam/stream", {"rtsp_transport": "udp", "fpsprobesize": "5"})
+    assert udp.options == {"rtsp_transport": "udp", "fpsprobesize": "5"}
+    assert LiveSource.of("http://cam/live.ts").options == {"fpsprobesize": "0"}
     webcam = LiveSource.of("/dev/video2", {"video_size": "1280x720"})
     assert webcam.input_format == "v4l2"
     assert LiveSource.of("/dev/video2", input_format="video4linux2").input_format == (
@@ -219,3 +221,34 @@ def test_capture_stops_on_the_stop_event() -> None:
     assert first[0].seq == 0
     stop.set()
     assert list(ticks) == []
+
+
+def test_a_source_that_ends_is_reopened_and_each_outage_counted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A real FFmpeg source that ends after 4 frames, reopened after 20 ms.
+    source = LiveSource(
+        url="testsrc=size=64x48:rate=20:duration=0.2",
+        input_format="lavfi",
+        backoff_initial_s=0.02,
+        backoff_max_s=0.02,
+    )
+    stats = LiveStats()
+    stop = threading.Event()
+    arrivals: list[float] = []
+    with caplog.at_level("WARNING", logger="flows.camera"):
+        for frame, arrived in live_video_frames(source, stop=stop, stats=stats):
+            assert (frame.width, frame.height) == (64, 48)
+            arrivals.append(arrived)
+            if stats.outages == 2:
+                stop.set()
+    assert stats.outages == 2
+    # Two passes of 4 frames, then the first frame of the third ends the second outage.
+    assert stats.decoded == len(arrivals) == 9
+    assert stats.outage_seconds > 0
+    assert arrivals == sorted(arrivals)
+    assert abs(arrivals[0] - time.time() * 1000) < 60_000
+    lost = [r.getMessage() for r in caplog.records if " lost (end of stream)" in r.getMessage()]
+    back = [r.getMessage() for r in caplog.records if " back after " in r.getMessage()]
+    assert len(lost) == len(back) == 2
+    assert back[1].endswith("(outage 2)")
