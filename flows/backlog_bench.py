@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.camera import OutgoingFrame, camera_id, publish, synthetic_frames
-from flows.settings import Settings
+from flows.settings import Settings, settings_or_exit
 from operators.frames import FrameResult
 from operators.kafka_io import CheckedProducer, client_config, producer_config
 
@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--topic", help="with --run-flow: the input topic")
     parser.add_argument("--workdir", type=Path, help="with --run-flow: the run's folder")
     args = parser.parse_args(argv)
+    settings_or_exit()  # the runs read STREAMSIGHT_* too: a bad one is one line, not a trace
     if args.run_flow:
         if not (args.bootstrap and args.topic and args.workdir):
             parser.error("--run-flow needs --bootstrap, --topic and --workdir")

@@ -32,7 +32,7 @@ from operators.evaluation import EvalReport, evaluate_detections
 from operators.kafka_io import CheckedProducer, producer_config
 from operators.metrics import Usage, read_usage
 from operators.scene import render_frame
-from operators.stores import detections_from_json, open_store
+from operators.stores import detections_from_json, open_store, redact_url
 from operators.tally import Tally
 from operators.tracing import Tracing, send_tracer
 
@@ -300,7 +300,7 @@ class Demo:
         )
         if self.settings.progress:
             self.console.print(summary_table(summary, self.job_id))
-            self.console.print(f"detections stored in {self.settings.sink}")
+            self.console.print(f"detections stored in {redact_url(self.settings.sink)}")
         self.broker.close()
         if self.error or summary.missing:
             self.console.print(f"[red]{self.error or f'{summary.missing} frames missing'}")

@@ -155,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     from flows.settings import parse_size  # pydantic is only needed for this option
 
-    size = parse_size(args.input_size) if args.input_size else None
+    try:
+        size = parse_size(args.input_size) if args.input_size else None
+    except ValueError:
+        parser.error("--input-size must be WxH with positive whole numbers, e.g. 320x320")
     classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
     detector = load_detector(args.model, input_size=size, classes=classes)
     print(f"model {detector.name} version {detector.version} input {detector.input_size}")

@@ -42,7 +42,7 @@ from flows.backlog_bench import peak_rss_kib, streamed_rss
 from flows.camera import OutgoingFrame, camera_id, publish, synthetic_frames
 from flows.embedded import EmbeddedBroker
 from flows.pipeline import build_flow
-from flows.settings import Settings
+from flows.settings import Settings, settings_or_exit
 from operators.decode import FrameLimits, decode_pixels
 from operators.detector import DEFAULT_WIDTHS, LoadedDetector, TinyDet, load_detector
 from operators.frames import FrameResult
@@ -1398,6 +1398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.model_scale < 1 or args.workers < 1:
         parser.error("--model-scale and --workers must be at least 1")
+    settings_or_exit()  # the runs read STREAMSIGHT_* too: a bad one is one line, not a trace
     plan = QUICK if args.quick else FULL
     if args.no_backlog:
         plan = replace(plan, backlog_runs=())

@@ -32,10 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from pydantic import ValidationError
-
 from flows.cluster import DEFAULT_PORT, prepare_recovery
-from flows.settings import Settings
+from flows.settings import Settings, settings_or_exit
 from operators.workers import cores, threads_per_worker
 
 DEFAULT_API_PORT = 3030
@@ -243,13 +241,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the processes and supervise them; their exit code."""
     args = _parse_args(argv)
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        print(f"error: invalid setting {where}: {first['msg']}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()  # the children load the same settings: checked once here
     try:
         layout = layout_for(
             args.processes, args.workers, args.peer_port, settings, os.environ, cores()

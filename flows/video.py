@@ -55,7 +55,10 @@ except StoreError as exc:
     raise SystemExit(f"streamsight: {exc}") from None
 
 tally = Tally()
-tracing = setup_tracing()
+try:
+    tracing = setup_tracing()
+except ValueError as exc:  # an unsupported OTEL_TRACES_EXPORTER or OTLP protocol
+    raise SystemExit(f"streamsight: {exc}") from None
 store_system = "sqlite" if settings.sink.startswith("sqlite") else "postgresql"
 
 demo: Demo | None = None
@@ -125,7 +128,9 @@ try:
         cpu_threads=threads_per_worker(workers_per_process(), settings.cpu_threads),
     )
 except ValueError as exc:
-    raise SystemExit(f"streamsight: {exc}") from None
+    # One line: a file that is not a model gets torch's several-line explanation appended.
+    first_line = str(exc).partition("\n")[0]
+    raise SystemExit(f"streamsight: {first_line}") from None
 
 producer = producer_config(settings, bootstrap=bootstrap, client_id="streamsight-sink")
 flow = build_flow(
