@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.camera import synthetic_frames
+from flows.settings import is_device
 from operators.decode import FrameLimits, decode_pixels
 from operators.detector import load_detector
 from operators.inference import Inferencer
@@ -94,16 +95,21 @@ def stage_ceilings(
 def ceilings_main(argv: list[str]) -> None:
     """Measure the stage ceilings and print them."""
     parser = argparse.ArgumentParser(description="Stage ceilings: frames in memory")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     parser.add_argument("--batch-sizes", default="1,4,8,16,32,64")
     parser.add_argument("--frames", type=int, default=256, help="distinct frames in memory")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    if not is_device(args.device):
+        parser.error("--device must be auto, cpu, cuda or cuda:N")
 
     detector = load_detector()
-    inferencer = Inferencer.create(detector, device=args.device, precision=args.precision)
+    try:
+        inferencer = Inferencer.create(detector, device=args.device, precision=args.precision)
+    except ValueError as exc:  # e.g. cuda asked for on a machine without CUDA
+        raise SystemExit(f"streamsight: {exc}") from None
     jpegs = [f.jpeg for tick in synthetic_frames(4, args.frames // 4) for f in tick]
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     report = stage_ceilings(inferencer, jpegs, sizes, args.seconds)

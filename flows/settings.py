@@ -312,7 +312,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_form(cls, value: str) -> str:
-        if not _DEVICE.fullmatch(value.strip().lower()):
+        if not is_device(value):
             raise ValueError("not a known device")
         return value.strip().lower()
 
@@ -408,6 +408,11 @@ class Settings(BaseSettings):
 
 def _reveal(secret: SecretStr | None) -> str | None:
     return None if secret is None else secret.get_secret_value()
+
+
+def is_device(text: str) -> bool:
+    """Whether `text` names a device the model can run on: auto, cpu, cuda or cuda:N."""
+    return _DEVICE.fullmatch(text.strip().lower()) is not None
 
 
 def _readable(path: Path, *, folder: bool = False) -> bool:
