@@ -7,12 +7,14 @@
 #                  (skipped when a kubectl is already on PATH, whatever installed it)
 #   ffmpeg      - serves live MPEG-TS and MJPEG streams on loopback for the camera
 #                  producer's live-source tests
+#   rtsp-server-perl - a real RTSP server (RTP over UDP) that FFmpeg publishes to, for
+#                  the camera producer's RTSP test
 #
 # Services are never started: the tests start their own servers in temporary directories.
 # Safe to run repeatedly; with everything present it only queries dpkg.
 set -euo pipefail
 
-PACKAGES=(postgresql prometheus kubernetes-client ffmpeg)
+PACKAGES=(postgresql prometheus kubernetes-client ffmpeg rtsp-server-perl)
 
 is_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -28,6 +30,7 @@ has_tools() {
         prometheus) command -v promtool >/dev/null 2>&1 ;;
         kubernetes-client) command -v kubectl >/dev/null 2>&1 ;;
         ffmpeg) command -v ffmpeg >/dev/null 2>&1 ;;
+        rtsp-server-perl) command -v rtsp-server-perl >/dev/null 2>&1 ;;
         *) return 1 ;;
     esac
 }

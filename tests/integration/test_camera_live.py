@@ -1,9 +1,10 @@
 """The camera CLI on live streams: FFmpeg serves a 1280x720 test pattern on loopback
-(MPEG-TS or MJPEG over HTTP), `python -m flows.camera` reads it into the embedded broker.
+(MPEG-TS or MJPEG over HTTP, or MPEG-4 published to an RTSP server), `python -m
+flows.camera` reads it into the embedded broker.
 
-FFmpeg comes from `.ci/install-system-packages.sh`; without it these tests are skipped,
-except under CI=true, where that is a failure. Sources run at 10 frames/s to keep the load
-on a shared 2-core machine modest.
+FFmpeg and rtsp-server-perl come from `.ci/install-system-packages.sh`; without them these
+tests are skipped, except under CI=true, where that is a failure. Sources run at 10
+frames/s to keep the load on a shared 2-core machine modest.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,10 +38,12 @@ MPEGTS = ("-c:v", "mpeg2video", "-q:v", "6", "-f", "mpegts")
 MJPEG = ("-c:v", "mjpeg", "-q:v", "6", "-f", "mpjpeg")
 
 
-def _ffmpeg() -> str:
-    path = shutil.which("ffmpeg")
+def _require(tool: str) -> str:
+    """The path of `tool` (a Debian package of the same name); skip the test without it,
+    fail under CI=true."""
+    path = shutil.which(tool)
     if path is None:
-        message = "ffmpeg not found: install the Debian package `ffmpeg`"
+        message = f"{tool} not found: install the Debian package `{tool}`"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{message} (.ci/install-system-packages.sh)")
         pytest.skip(message)
@@ -96,7 +100,7 @@ class StreamServer:
 @pytest.fixture
 def stream_server() -> Iterator[Callable[[tuple[str, ...], str], StreamServer]]:
     """`stream_server(codec, path)`: a started StreamServer on a free port; killed after."""
-    ffmpeg = _ffmpeg()
+    ffmpeg = _require("ffmpeg")
     servers: list[StreamServer] = []
 
     def _start(codec: tuple[str, ...], path: str) -> StreamServer:
@@ -322,3 +326,70 @@ def test_credentials_in_the_url_stay_out_of_the_output(
     summary = run.summary()
     assert summary["sent"] == "0"
     assert summary["outages"] == "0"
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_rtsp_stream_over_udp(
+    embedded_broker: EmbeddedBroker,
+    unique_topic: Callable[..., str],
+    camera: Callable[..., CameraRun],
+    tmp_path: Path,
+) -> None:
+    """rtsp-server-perl relays RTP over UDP only (it answers 400 to TCP-interleaved
+    clients): the camera is told `-o rtsp_transport=udp`."""
+    ffmpeg, server = _require("ffmpeg"), _require("rtsp-server-perl")
+    topic = _topic(embedded_broker, unique_topic("live-rtsp"))
+    client_port, source_port, rtp_port = free_ports(3)
+    width, height = SIZE
+    relay = [
+        server, "-c", str(client_port), "-s", str(source_port),
+        "--client_listen_address", "127.0.0.1", "--source_listen_address", "127.0.0.1",
+        "--rtp_start_port", str(rtp_port),
+    ]  # fmt: skip
+    publisher = [
+        ffmpeg, "-hide_banner", "-loglevel", "error", "-re",
+        "-f", "lavfi", "-i", f"testsrc=size={width}x{height}:rate={RATE}",
+        "-c:v", "mpeg4", "-q:v", "6", "-f", "rtsp", f"rtsp://127.0.0.1:{source_port}/live",
+    ]  # fmt: skip
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with (tmp_path / "rtsp-server.log").open("wb") as log:
+            processes.append(
+                subprocess.Popen(relay, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            )
+        _wait_for_port(source_port)
+        processes.append(
+            subprocess.Popen(
+                publisher,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        run = camera(
+            *("--brokers", embedded_broker.bootstrap, "--topic", topic),
+            *("--source", f"rtsp://127.0.0.1:{client_port}/live", "-o", "rtsp_transport=udp"),
+            *("--frames", "5", "--reconnect-max", "0.5", "--job-id", "job-live-rtsp"),
+        )
+        assert run.wait() == 0, run.stderr.read_text()
+    finally:
+        for process in reversed(processes):
+            process.kill()
+            process.wait(10)
+    summary = run.summary()
+    assert summary["sent"] == summary["delivered"] == "5"
+    messages = read_topic(embedded_broker.bootstrap, topic, expected=5)
+    assert len(messages) == 5
+    for message in messages:
+        _check_live_frame(message, "job-live-rtsp")
