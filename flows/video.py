@@ -28,7 +28,7 @@ from operators.kafka_io import (
     wait_for_cluster,
 )
 from operators.metrics import LagTracker, PipelineMetrics, pipeline_metrics, start_metrics_server
-from operators.sinks import DeadLetterSink, ResultSink
+from operators.sinks import DeadLetterSink, ResultSink, exit_process
 from operators.stores import StoreError, open_store
 from operators.tally import Tally
 from operators.tracing import setup_tracing, write_tracer
@@ -159,6 +159,9 @@ flow = build_flow(
                 topic=settings.output_topic if settings.publish_detections else None,
                 store=store_system,
             ),
+            retry_s=settings.sink_retry_s,
+            on_outage=metrics.sink_outage if metrics else None,
+            on_give_up=exit_process,
         ),
         "sink",
         "results",
@@ -172,6 +175,9 @@ flow = build_flow(
             trace_writes=write_tracer(
                 tracing, topic=settings.dead_letter_topic, store=store_system
             ),
+            retry_s=settings.sink_retry_s,
+            on_outage=metrics.sink_outage if metrics else None,
+            on_give_up=exit_process,
         ),
         "dead_letter_sink",
         "dead_letters",

@@ -355,6 +355,18 @@ class PipelineMetrics:
             "Frames already stored with the same content, skipped by the sink.",
             registry=r,
         )
+        self.sink_unavailable = Gauge(
+            f"{p}_sink_unavailable",
+            "1 while the sink waits for its database to become available (the flow stalls).",
+            ["sink"],
+            registry=r,
+        )
+        self.sink_retries = Counter(
+            f"{p}_sink_retries",
+            "Failed attempts on an unavailable database, each followed by a retry.",
+            ["sink"],
+            registry=r,
+        )
 
         for stage in STAGES:
             self.stage_items_received.labels(stage)
@@ -369,6 +381,8 @@ class PipelineMetrics:
         for sink in SINKS:
             self.sink_write.labels(sink)
             self.sink_rows.labels(sink)
+            self.sink_unavailable.labels(sink)
+            self.sink_retries.labels(sink)
 
         self._stage_children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._extras = ProcessExtrasCollector()
@@ -599,6 +613,14 @@ class PipelineMetrics:
     def record_sink_write(self, sink: str, duration_s: float) -> None:
         """One write batch of `sink` (`results` or `dead_letters`) took `duration_s`."""
         self.sink_write.labels(sink if sink in SINKS else OTHER).observe(duration_s)
+
+    def sink_outage(self, sink: str, unavailable: bool) -> None:
+        """`sink`'s database failed an attempt that will be retried (True) or answers
+        again (False); the signature of the sinks' `on_outage`."""
+        label = sink if sink in SINKS else OTHER
+        self.sink_unavailable.labels(label).set(1 if unavailable else 0)
+        if unavailable:
+            self.sink_retries.labels(label).inc()
 
     def measured_sink(self, inner: DynamicSink[T], *, stage: str, sink: str) -> DynamicSink[T]:
         """`inner` with each `write_batch` measured as `stage` and timed as `sink`."""

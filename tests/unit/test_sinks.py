@@ -8,10 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from operators import dead_letters as dl
 from operators import sinks
 from operators.frames import Detection, FrameMeta, FrameResult
+from operators.metrics import PipelineMetrics
 from operators.sinks import (
     DeadLetterSink,
     OutageLog,
@@ -24,6 +26,7 @@ from operators.stores import RowsRejected, StoreConnectionError, open_store
 from operators.tally import Tally
 
 URL = "postgresql://app:PlantedSecret-4h1@db.example:5432/streamsight"
+UNAVAILABLE = "streamsight_sink_unavailable"
 
 
 def result(seq: int, sha: str = "a" * 64) -> FrameResult:
@@ -284,3 +287,32 @@ def test_sink_partitions_of_one_process_share_the_warning_interval(
         second.call(failing_until(clock, clock.now + 13))  # from about 12 s to 25 s
 
     assert len(caplog.records) == 3  # at 0, 10 and 20 s, whichever partition was waiting
+
+
+def test_an_outage_shows_on_the_sink_metrics() -> None:
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    clock = FakeClock()
+    retry = StoreRetry(
+        URL,
+        "results",
+        on_outage=metrics.sink_outage,
+        clock=clock,
+        sleep=clock.sleep,
+        outage_log=OutageLog(),
+    )
+    outage = failing_until(clock, clock.now + 5)
+    seen_during: list[float | None] = []
+
+    def work() -> str:
+        value = outage()
+        seen_during.append(registry.get_sample_value(UNAVAILABLE, {"sink": "results"}))
+        return value
+
+    retry.call(work)
+
+    retries = registry.get_sample_value("streamsight_sink_retries_total", {"sink": "results"})
+    assert retries == len(clock.sleeps) > 0
+    assert seen_during == [1.0]  # the successful attempt still saw the outage
+    assert registry.get_sample_value(UNAVAILABLE, {"sink": "results"}) == 0.0
+    assert registry.get_sample_value(UNAVAILABLE, {"sink": "dead_letters"}) == 0.0
