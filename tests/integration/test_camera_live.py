@@ -393,3 +393,40 @@ def test_rtsp_stream_over_udp(
     assert len(messages) == 5
     for message in messages:
         _check_live_frame(message, "job-live-rtsp")
+
+
+def test_frames_are_dropped_oldest_first_while_kafka_is_down(
+    unique_topic: Callable[..., str],
+    stream_server: Callable[[tuple[str, ...], str], StreamServer],
+    camera: Callable[..., CameraRun],
+) -> None:
+    """With the broker down, the Kafka client's queue (bounded at --queue-frames) fills,
+    sending waits, and the capture queue drops its oldest frames instead of growing; once
+    the broker is back, the newest frames are delivered and nothing fails."""
+    server = stream_server(MJPEG, "live.mjpg")
+    with EmbeddedBroker() as broker:  # of its own: this test takes it down
+        topic = _topic(broker, unique_topic("live-overload"))
+        run = camera(
+            *("--brokers", broker.bootstrap, "--topic", topic, "--source", server.url),
+            *("--frames", "12", "--queue-frames", "2", "--job-id", "job-live-overload"),
+        )
+        _wait_for(lambda: _frames_in(broker.bootstrap, topic) >= 2, "the first frames", run)
+        broker.set_broker_down()
+        _wait_for(lambda: bool(run.log_lines("dropping the oldest")), "frames dropped", run)
+        broker.set_broker_up()
+        assert run.wait() == 0, run.stderr.read_text()
+        messages = read_topic(broker.bootstrap, topic, expected=12)
+
+    summary = run.summary()
+    assert summary["sent"] == summary["delivered"] == "12"
+    assert summary["failed"] == "0"
+    assert int(summary["dropped"]) > 0
+    assert len(run.log_lines("dropping the oldest")) == 1
+    assert len(messages) == 12
+    seqs = [int(message.header(contract.SEQ) or -1) for message in messages]
+    # Sequence numbers count captured frames: the dropped ones leave a gap (frames
+    # dropped after the last one sent are counted too, so no exact sum).
+    assert seqs == sorted(set(seqs))
+    assert seqs[-1] - seqs[0] + 1 > 12
+    for message in messages:
+        _check_live_frame(message, "job-live-overload")
