@@ -66,16 +66,20 @@ def test_files_the_jaeger_config_names_are_mounted(compose: dict[str, Any]) -> N
 
 
 def _dockerfile_sources(dockerfile: Path, context: Path) -> list[str]:
-    """Sources of the Dockerfile's COPY/ADD lines that are absent from `context`."""
+    """Sources of the Dockerfile's COPY/ADD instructions that are absent from `context`
+    (instructions continued over lines with a backslash; URLs are not in the context)."""
     if not dockerfile.is_file():
         return []
     absent: list[str] = []
-    for line in dockerfile.read_text().splitlines():
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    for line in text.splitlines():
         match = re.match(r"\s*(COPY|ADD)\s+(?!--from)(.+)", line)
         if match:
             *sources, _ = match.group(2).split()
             absent.extend(
-                s for s in sources if not s.startswith("--") and not (context / s).exists()
+                s
+                for s in sources
+                if not s.startswith("--") and "://" not in s and not (context / s).exists()
             )
     return absent
 
@@ -95,7 +99,11 @@ def test_start_order_waits_for_health_and_topic_creation(compose: dict[str, Any]
         assert depends["kafka-init"]["condition"] == "service_completed_successfully"
     assert services["streamsight"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert services["kafka"]["image"].startswith("apache/kafka:")
+    # The broker is Apache's image plus the JMX exporter's agent, the same Kafka release
+    # as the tools that create the topics.
+    assert services["kafka-init"]["image"].startswith("apache/kafka:")
+    dockerfile = REPO_ROOT / services["kafka"]["build"]["context"] / "Dockerfile"
+    assert f"FROM {services['kafka-init']['image']}\n" in dockerfile.read_text()
     assert services["jaeger"]["image"].startswith("jaegertracing/jaeger:2")
     assert "kafka-topics.sh" in "".join(services["kafka-init"]["command"])
 
@@ -166,14 +174,55 @@ def test_prometheus_scrapes_services_that_exist(compose: dict[str, Any]) -> None
         for static in job.get("static_configs", [])
         for target in static["targets"]
     }
-    unknown = hosts - compose["services"].keys() - {"localhost"}
+    hosts |= {
+        name
+        for job in config["scrape_configs"]
+        for dns in job.get("dns_sd_configs", [])
+        for name in dns["names"]
+    }
+    # Names Prometheus's container resolves to the host (node-exporter's network).
+    host_aliases = {
+        entry.split(":")[0] for entry in compose["services"]["prometheus"].get("extra_hosts", [])
+    }
+    unknown = hosts - compose["services"].keys() - {"localhost"} - host_aliases
     assert not unknown, f"scrape targets with no compose service: {unknown}"
     # Every process of the CPU dataflow service is scraped: its metrics and Bytewax's API.
     command = compose["services"]["streamsight"]["command"]
     processes = range(int(command[command.index("-n") + 1]))
     jobs = {
-        job["job_name"]: [t for static in job["static_configs"] for t in static["targets"]]
+        job["job_name"]: [t for static in job.get("static_configs", []) for t in static["targets"]]
         for job in config["scrape_configs"]
     }
     assert jobs["streamsight"] == [f"streamsight:{9464 + i}" for i in processes]
     assert jobs["bytewax"] == [f"streamsight:{3030 + i}" for i in processes]
+
+
+def test_prometheus_gets_every_rule_file_it_loads(compose: dict[str, Any]) -> None:
+    yaml = require_module("yaml", "pyyaml")
+    config = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    mounts = dict(
+        reversed(volume.split(":")[:2]) for volume in compose["services"]["prometheus"]["volumes"]
+    )
+    for rule_file in config["rule_files"]:
+        source = mounts.get(f"/etc/prometheus/{rule_file}")
+        assert source == f"./deploy/prometheus/{rule_file}", rule_file
+
+
+def test_host_and_gpu_exporters(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    # node-exporter sees the host, not its container: the host's network and processes,
+    # the host's root filesystem read-only under the --path.rootfs it is told.
+    node = services["node-exporter"]
+    assert node["network_mode"] == "host" and node["pid"] == "host"
+    assert "/:/host:ro,rslave" in node["volumes"]
+    assert "--path.rootfs=/host" in node["command"]
+    assert "profiles" not in node
+    assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
+    # dcgm-exporter only with the GPU profile, on every GPU of the host.
+    dcgm = services["dcgm-exporter"]
+    assert dcgm["profiles"] == ["gpu"]
+    assert dcgm["image"].startswith("nvcr.io/nvidia/k8s/dcgm-exporter:")
+    (device,) = dcgm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == "all"
+    assert "gpu" in device["capabilities"]
+    assert dcgm["ports"] == ["9400:9400"]

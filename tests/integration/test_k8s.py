@@ -1,10 +1,13 @@
 """Kubernetes manifests: every overlay builds with `kubectl kustomize`, every resource
 validates against the Kubernetes schemas (custom resources are checked by hand), every
 container meets the "restricted" pod security level, and the StatefulSet is wired the
-way `bytewax.run` expects (checked by running its init container's command here)."""
+way `bytewax.run` expects (checked by running its init container's command here). The
+optional monitoring examples (broker and node scrapes, infrastructure alerts) build too,
+and every PrometheusRule carries the rules of its Prometheus rule file."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
-CUSTOM_KINDS = {"PodMonitor", "PrometheusRule", "ScaledObject"}
+CUSTOM_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule", "ScaledObject"}
 KUBECTL_HOW = "bash .ci/install-system-packages.sh (Debian package kubernetes-client)"
 
 Resource = dict[str, Any]
@@ -38,18 +41,35 @@ def kubectl() -> str:
     return require_command("kubectl", KUBECTL_HOW)
 
 
+def kustomize(kubectl: str, directory: Path) -> list[Resource]:
+    """The resources `kubectl kustomize` builds from `directory`."""
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return load_yaml_documents(result.stdout)
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest, kubectl: str) -> tuple[str, list[Resource]]:
     """(name, resources) of each overlay, built with `kubectl kustomize`."""
     name: str = request.param
-    result = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / name)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return name, load_yaml_documents(result.stdout)
+    return name, kustomize(kubectl, K8S / "overlays" / name)
+
+
+def named(resources: list[Resource], kind: str, name: str) -> Resource:
+    """The resource of `kind` called `name`."""
+    found = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def rule_groups(file_name: str) -> list[Resource]:
+    """The groups of a Prometheus rule file in deploy/prometheus."""
+    yaml = require_module("yaml", "pyyaml")
+    path = REPO_ROOT / "deploy" / "prometheus" / file_name
+    assert path.exists(), f"deploy/prometheus/{file_name} is missing"
+    return yaml.safe_load(path.read_text())["groups"]
 
 
 def one(resources: list[Resource], kind: str) -> Resource:
@@ -97,7 +117,7 @@ def test_every_resource_validates_against_the_kubernetes_schemas(
     kinds = {r["kind"] for r in resources}
     assert {"StatefulSet", "Service", "ConfigMap", "NetworkPolicy", "Namespace"} <= kinds
     assert {"PodMonitor", "PrometheusRule"} <= kinds
-    assert checked == len(resources) - 2
+    assert checked == len([r for r in resources if r["kind"] not in CUSTOM_KINDS])
 
 
 def test_every_container_meets_the_restricted_pod_security_level(
@@ -278,23 +298,75 @@ def test_pod_monitor_scrapes_the_metrics_ports(overlay: tuple[str, list[Resource
     assert all(e["path"] == "/metrics" for e in endpoints)
 
 
-def test_prometheus_rule_carries_the_alerts_of_the_prometheus_config(
-    overlay: tuple[str, list[Resource]],
-) -> None:
-    yaml = require_module("yaml", "pyyaml")
-    alerts_file = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
-    assert alerts_file.exists(), "deploy/prometheus/alerts.yml is missing"
-    _, resources = overlay
-    rule = one(resources, "PrometheusRule")
+def check_prometheus_rule(rule: Resource, file_name: str) -> None:
+    """`rule` is a PrometheusRule carrying exactly the groups of rule file `file_name`."""
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     groups = rule["spec"]["groups"]
-    assert groups == yaml.safe_load(alerts_file.read_text())["groups"], (
-        "run: python deploy/k8s/prometheusrule.py"
-    )
+    assert groups == rule_groups(file_name), "run: python deploy/k8s/prometheusrule.py"
     for group in groups:
         assert group["name"] and group["rules"]
         for item in group["rules"]:
             assert ("alert" in item) != ("record" in item) and item["expr"]
+
+
+def test_prometheus_rule_carries_the_alerts_of_the_prometheus_config(
+    overlay: tuple[str, list[Resource]],
+) -> None:
+    name, resources = overlay
+    check_prometheus_rule(named(resources, "PrometheusRule", "streamsight"), "alerts.yml")
+    # The GPU overlay adds DCGM's series joined to the dataflow's pods; the CPU one does not.
+    rules = {r["metadata"]["name"] for r in resources if r["kind"] == "PrometheusRule"}
+    if name == "gpu":
+        assert rules == {"streamsight", "streamsight-dcgm"}
+        dcgm = named(resources, "PrometheusRule", "streamsight-dcgm")
+        assert dcgm["metadata"]["namespace"] == "streamsight"
+        check_prometheus_rule(dcgm, "dcgm-rules.yml")
+    else:
+        assert rules == {"streamsight"}
+
+
+def test_generated_prometheus_rules_are_up_to_date() -> None:
+    result = subprocess.run(
+        [sys.executable, str(K8S / "prometheusrule.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_optional_monitoring_scrapes_broker_and_nodes_under_the_alerts_job_names(
+    kubectl: str,
+) -> None:
+    resources = kustomize(kubectl, K8S / "optional" / "monitoring")
+    assert {r["kind"] for r in resources} == {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+    rule = named(resources, "PrometheusRule", "streamsight-infrastructure")
+    check_prometheus_rule(rule, "infrastructure-alerts.yml")
+    alert_jobs = {
+        job
+        for group in rule["spec"]["groups"]
+        for item in group["rules"]
+        for job in re.findall(r'job="([^"]+)"', item["expr"])
+    }
+    # Each monitor sets the job its series must carry for the rules and dashboards.
+    jobs = {}
+    for monitor in resources:
+        if monitor["kind"] == "PrometheusRule":
+            continue
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["namespace"] == "streamsight"
+        endpoints = monitor["spec"].get("podMetricsEndpoints") or monitor["spec"]["endpoints"]
+        (endpoint,) = endpoints
+        assert endpoint["path"] == "/metrics" and endpoint["port"]
+        (job,) = [r["replacement"] for r in endpoint["relabelings"] if r["targetLabel"] == "job"]
+        jobs[monitor["kind"]] = job
+        assert monitor["spec"]["selector"]["matchLabels"]
+    assert jobs == {"PodMonitor": "kafka", "ServiceMonitor": "node-exporter"}
+    assert alert_jobs <= set(jobs.values())
+    # Strimzi's broker pods serve the JMX exporter on the port it names tcp-prometheus.
+    kafka = named(resources, "PodMonitor", "kafka-brokers")
+    assert kafka["spec"]["podMetricsEndpoints"][0]["port"] == "tcp-prometheus"
+    assert kafka["spec"]["selector"]["matchLabels"]["strimzi.io/kind"] == "Kafka"
 
 
 def test_optional_keda_scaled_object_targets_the_statefulset(

@@ -1,8 +1,9 @@
 """Prometheus side: the exposition passes `promtool check metrics`, the configs and rules
-pass `promtool check`, every alert has a passing unit test, every PromQL expression in the
-alerts and dashboards names only metrics this project (or Bytewax, the process collector,
-Jaeger's span metrics) exports, the dashboards are valid, and a real Prometheus server
-scrapes `start_metrics_server` and counts what was fed.
+pass `promtool check`, every alert and recording rule has a passing unit test, every PromQL
+expression in the rules and dashboards names only metrics this project (or Bytewax, the
+process collector, Jaeger's span metrics) exports or that deploy/README.md lists as an
+exporter's (the broker's, the hosts', DCGM's), the dashboards are valid, and a real
+Prometheus server scrapes `start_metrics_server` and counts what was fed.
 
 promtool and prometheus come from the Debian `prometheus` package: without them these
 tests are skipped, except under CI=true, where that is a failure.
@@ -28,6 +29,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from operators.metrics import LagTracker, PipelineMetrics, start_metrics_server
 from tests import metrics_data as data
+from tests.integration.metric_names import (
+    RULE_FILES,
+    RULE_TESTS,
+    all_rules,
+    dashboard_expressions,
+    exported_names,
+    external_metrics,
+    is_own,
+    metric_names,
+    rules,
+)
 from tests.metrics_data import TRACE_ID, free_port, populated_registry
 
 pytestmark = pytest.mark.integration
@@ -36,13 +48,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
-EXTERNAL_PREFIXES = ("bytewax_", "process_", "python_", "traces_span_metrics_")
-EXTERNAL_NAMES = {"up"}
-PROMQL_WORDS = {
-    "sum", "avg", "min", "max", "count", "group", "stddev", "stdvar", "topk", "bottomk",
-    "quantile", "count_values", "by", "without", "on", "ignoring", "group_left",
-    "group_right", "and", "or", "unless", "offset", "bool", "inf", "nan",
-}  # fmt: skip
 START_TIMEOUT_S = 20.0
 
 
@@ -65,42 +70,18 @@ def run(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> str:
     return output
 
 
-def exported_names() -> set[str]:
-    """Every sample name a populated registry exposes (histogram suffixes included)."""
-    registry, _ = populated_registry()
-    return {s.name for family in registry.collect() for s in family.samples}
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (functions and keywords left out)."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    text = re.sub(r"\$\w+", " ", text)
-    names = set()
-    for match in re.finditer(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", text):
-        rest = text[match.end() :].lstrip()
-        if rest.startswith("(") or match.group().lower() in PROMQL_WORDS:
-            continue
-        names.add(match.group())
-    return names
-
-
 def alert_rules() -> list[dict[str, Any]]:
-    document = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
-    return [rule for group in document["groups"] for rule in group["rules"]]
+    """The alerting rules of every rule file Prometheus loads."""
+    return [rule for rule in all_rules() if "alert" in rule]
 
 
-def dashboard_expressions(dashboard: dict[str, Any]) -> list[str]:
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    for variable in dashboard.get("templating", {}).get("list", []):
-        query = variable.get("query")
-        query = query.get("query") if isinstance(query, dict) else query
-        match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", query or "")
-        if match:
-            exprs.append(match.group(1))
-    return exprs
+def known(name: str) -> bool:
+    """Whether a metric name is this project's or an exporter's listed in deploy/README.md."""
+    return is_own(name, EXPORTED) or name in EXTERNAL
+
+
+EXPORTED = exported_names()
+EXTERNAL = set(external_metrics())
 
 
 def test_metric_name_extraction() -> None:
@@ -124,16 +105,22 @@ def test_promtool_check_metrics_on_populated_exposition() -> None:
 def test_promtool_check_config_and_rules() -> None:
     promtool = require("promtool")
     run(promtool, "check", "config", "prometheus.yml", cwd=PROMETHEUS_DIR)
-    output = run(promtool, "check", "rules", "alerts.yml", cwd=PROMETHEUS_DIR)
-    assert f"{len(alert_rules())} rules found" in output
+    document = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    assert document["rule_files"] == list(RULE_FILES)
+    for rule_file in RULE_FILES:
+        output = run(promtool, "check", "rules", rule_file, cwd=PROMETHEUS_DIR)
+        assert f"{len(rules(rule_file))} rules found" in output
 
 
 def test_kubernetes_config() -> None:
     promtool = require("promtool")
     document = yaml.safe_load((PROMETHEUS_DIR / "prometheus-kubernetes.yml").read_text())
-    assert document["rule_files"] == ["alerts.yml"]
+    assert document["rule_files"] == list(RULE_FILES)
     jobs = {c["job_name"]: c for c in document["scrape_configs"]}
     assert {"streamsight-kubernetes", "bytewax-kubernetes", "jaeger-spanmetrics"} <= set(jobs)
+    # The broker's and hosts' jobs carry the names the infrastructure alerts select.
+    assert {"kafka", "node-exporter", "dcgm-exporter"} <= set(jobs)
+    assert jobs["dcgm-exporter"]["honor_labels"] is True
     for config in jobs.values():
         assert config["kubernetes_sd_configs"][0]["role"] == "pod"
     proc = subprocess.run(
@@ -150,32 +137,57 @@ def test_kubernetes_config() -> None:
 
 def test_compose_config_targets() -> None:
     document = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    targets = {c["job_name"]: t for c in document["scrape_configs"] for t in c["static_configs"]}
+    targets = {
+        c["job_name"]: t for c in document["scrape_configs"] for t in c.get("static_configs", [])
+    }
     # Two single-worker processes in the compose service: one target each.
     assert targets["streamsight"]["targets"] == ["streamsight:9464", "streamsight:9465"]
     assert targets["bytewax"]["targets"] == ["streamsight:3030", "streamsight:3031"]
     assert targets["jaeger-spanmetrics"]["targets"] == ["jaeger:8889"]
+    assert targets["kafka"]["targets"] == ["kafka:9404"]
+    assert targets["node-exporter"]["targets"] == ["host.docker.internal:9100"]
+    (dcgm,) = [c for c in document["scrape_configs"] if c["job_name"] == "dcgm-exporter"]
+    assert dcgm["dns_sd_configs"] == [{"names": ["dcgm-exporter"], "type": "A", "port": 9400}]
 
 
-def test_promtool_test_rules_covers_every_alert() -> None:
+def test_alerts_select_the_jobs_the_scrape_configs_define() -> None:
+    selected = {job for rule in alert_rules() for job in re.findall(r'job="([^"]+)"', rule["expr"])}
+    for config_file in ("prometheus.yml", "prometheus-kubernetes.yml"):
+        document = yaml.safe_load((PROMETHEUS_DIR / config_file).read_text())
+        jobs = {c["job_name"] for c in document["scrape_configs"]}
+        assert selected <= jobs, (config_file, selected - jobs)
+
+
+def test_promtool_test_rules_covers_every_rule() -> None:
     promtool = require("promtool")
-    tests_file = PROMETHEUS_DIR / "tests" / "alerts_test.yml"
-    run(promtool, "test", "rules", str(tests_file.relative_to(PROMETHEUS_DIR)), cwd=PROMETHEUS_DIR)
-    document = yaml.safe_load(tests_file.read_text())
-    firing = {
-        case["alertname"]
-        for test in document["tests"]
-        for case in test.get("alert_rule_test", [])
-        if case.get("exp_alerts")
-    }
+    firing: set[str] = set()
+    tested_exprs: list[str] = []
+    for tests_file in RULE_TESTS:
+        run(promtool, "test", "rules", tests_file, cwd=PROMETHEUS_DIR)
+        document = yaml.safe_load((PROMETHEUS_DIR / tests_file).read_text())
+        firing |= {
+            case["alertname"]
+            for test in document["tests"]
+            for case in test.get("alert_rule_test", [])
+            if case.get("exp_alerts")
+        }
+        tested_exprs += [
+            case["expr"]
+            for test in document["tests"]
+            for case in test.get("promql_expr_test", [])
+            if case.get("exp_samples")
+        ]
     assert firing == {rule["alert"] for rule in alert_rules()}
+    # Every recording rule's output is checked by some promql_expr_test.
+    recorded = {rule["record"] for rule in all_rules() if "record" in rule}
+    assert recorded <= set().union(*(metric_names(e) for e in tested_exprs))
 
 
-def test_alerts_reference_only_exported_metrics_and_have_runbooks() -> None:
-    known = exported_names()
-    for rule in alert_rules():
+def test_rules_reference_only_known_metrics_and_alerts_have_runbooks() -> None:
+    for rule in all_rules():
         for name in metric_names(rule["expr"]):
-            assert name in known or name in EXTERNAL_NAMES, (rule["alert"], name)
+            assert known(name), (rule.get("alert") or rule["record"], name)
+    for rule in alert_rules():
         assert {"summary", "description", "runbook"} <= set(rule["annotations"])
         assert rule["labels"]["severity"] in {"warning", "critical"}
 
@@ -183,7 +195,6 @@ def test_alerts_reference_only_exported_metrics_and_have_runbooks() -> None:
 @pytest.mark.parametrize("path", DASHBOARDS, ids=[p.stem for p in DASHBOARDS])
 def test_dashboard_is_valid_and_uses_exported_metrics(path: Path) -> None:
     dashboard = json.loads(path.read_text())
-    known = exported_names()
     assert dashboard["uid"].startswith("streamsight-")
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -197,15 +208,14 @@ def test_dashboard_is_valid_and_uses_exported_metrics(path: Path) -> None:
     for expr in exprs:
         assert expr.count("(") == expr.count(")"), expr
         for name in metric_names(expr):
-            ok = name in known or name in EXTERNAL_NAMES or name.startswith(EXTERNAL_PREFIXES)
-            assert ok, (path.name, name)
+            assert known(name), (path.name, name)
 
 
 def test_dashboard_set_and_provisioning() -> None:
     stems = {p.stem for p in DASHBOARDS}
     assert stems == {
         "overview", "kafka-ingest", "preprocessing", "batching", "inference-gpu", "sink",
-        "compute-per-job",
+        "compute-per-job", "kafka-broker", "host",
     }  # fmt: skip
     uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
     assert len(uids) == len(set(uids))
@@ -214,6 +224,21 @@ def test_dashboard_set_and_provisioning() -> None:
     names = set().union(*(metric_names(t["expr"]) for t in first["targets"]))
     assert "streamsight_kafka_consumer_lag_records" in names
     assert "streamsight_inference_batch_duration_seconds_bucket" in names
+    # The row that tells pipeline, model, Kafka and machine apart, side by side at the top.
+    top = sorted(
+        (p for p in overview["panels"] if p["gridPos"]["y"] == 0), key=lambda p: p["gridPos"]["x"]
+    )
+    top_names = [set().union(*(metric_names(t["expr"]) for t in p["targets"])) for p in top]
+    assert "streamsight_kafka_consumer_lag_records" in top_names[0]
+    assert "streamsight_inference_batch_duration_seconds_bucket" in top_names[1]
+    assert "kafka_server_brokertopicmetrics_bytesin_total" in top_names[2]
+    assert "node_cpu_seconds_total" in top_names[3]
+    # GPU utilisation from the pipeline's NVML gauge and from DCGM, on one panel.
+    (gpu,) = [p for p in overview["panels"] if p["title"].startswith("GPU utilisation")]
+    gpu_names = set().union(*(metric_names(t["expr"]) for t in gpu["targets"]))
+    assert {"streamsight_gpu_utilization_ratio", "streamsight:dcgm_gpu_utilization:ratio"} <= (
+        gpu_names
+    )
     with_exemplars = [
         t for p in DASHBOARDS for panel in json.loads(p.read_text())["panels"]
         for t in panel["targets"] if t.get("exemplar")
@@ -267,7 +292,7 @@ def prometheus_server(tmp_path: Path) -> Iterator[tuple[str, int]]:
     metrics_port, web_port = free_port(), free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],
+        "rule_files": [str(PROMETHEUS_DIR / rule_file) for rule_file in RULE_FILES],
         "scrape_configs": [
             {
                 "job_name": "streamsight",
@@ -379,6 +404,6 @@ def test_real_prometheus_scrapes_fed_metrics(prometheus_server: tuple[str, int])
     trace_ids = {e["labels"]["trace_id"] for series in exemplars for e in series["exemplars"]}
     assert trace_ids == {TRACE_ID}
 
-    rules = api(url, "/api/v1/rules")["groups"]
-    loaded = {rule["name"] for group in rules for rule in group["rules"]}
-    assert loaded == {rule["alert"] for rule in alert_rules()}
+    groups = api(url, "/api/v1/rules")["groups"]
+    loaded = {rule["name"] for group in groups for rule in group["rules"]}
+    assert loaded == {rule.get("alert") or rule["record"] for rule in all_rules()}
