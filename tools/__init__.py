@@ -1,0 +1,1 @@
+"""Tools that users run beside the flow."""
