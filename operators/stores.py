@@ -868,36 +868,41 @@ class PostgresStore:
         return self._run(work)
 
     def write_results(self, results: Sequence[FrameResult], written_ns: int) -> WriteOutcome:
-        """Insert one row per result in one transaction; existing frame_ids are skipped."""
+        """Insert one row per result in one transaction; existing frame_ids are skipped.
+        Raises `RowsRejected` when a row's values cannot be stored (nothing is written)."""
         if not results:
             return WriteOutcome(0, 0)
-        rows = []
-        for row in _result_rows(results, written_ns):
-            clean = _pg_clean(row)
-            clean["detections"] = _dumps(clean["detections"])
-            rows.append(tuple(clean[c] for c in RESULT_COLUMNS))
 
-        inserted = self._run(
-            lambda conn: self._insert(
+        def work(conn: psycopg.Connection[Any]) -> int:
+            # Rows are built inside the transaction so that a value that cannot be
+            # converted is reported like one the server refuses.
+            rows = []
+            for row in _result_rows(results, written_ns):
+                clean = _pg_clean(row)
+                clean["detections"] = _dumps(clean["detections"])
+                rows.append(tuple(clean[c] for c in RESULT_COLUMNS))
+            return self._insert(
                 conn, "detections", RESULT_COLUMNS, rows, ("frame_id",), "detections"
             )
-        )
-        return WriteOutcome(inserted, len(rows) - inserted)
+
+        inserted = self._run(work)
+        return WriteOutcome(inserted, len(results) - inserted)
 
     def write_dead_letters(self, letters: Sequence[DeadLetter], written_ns: int) -> WriteOutcome:
-        """Insert dead letters in one transaction; existing keys are skipped."""
+        """Insert dead letters in one transaction; existing keys are skipped. Raises
+        `RowsRejected` when a row's values cannot be stored (nothing is written)."""
         if not letters:
             return WriteOutcome(0, 0)
-        rows = [
-            tuple(_pg_clean(row[c]) for c in DEAD_LETTER_COLUMNS)
-            for row in _dead_letter_rows(letters, written_ns)
-        ]
-        inserted = self._run(
-            lambda conn: self._insert(
-                conn, "dead_letters", DEAD_LETTER_COLUMNS, rows, ("source_offset",)
-            )
-        )
-        return WriteOutcome(inserted, len(rows) - inserted)
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            rows = [
+                tuple(_pg_clean(row[c]) for c in DEAD_LETTER_COLUMNS)
+                for row in _dead_letter_rows(letters, written_ns)
+            ]
+            return self._insert(conn, "dead_letters", DEAD_LETTER_COLUMNS, rows, ("source_offset",))
+
+        inserted = self._run(work)
+        return WriteOutcome(inserted, len(letters) - inserted)
 
     def _count(self, table: str) -> int:
         def work(conn: psycopg.Connection[Any]) -> int:

@@ -186,6 +186,15 @@ def test_a_failing_row_rolls_back_the_whole_batch(store: DetectionStore) -> None
     assert store.write_results([good], WRITTEN_NS) == WriteOutcome(1, 0)
 
 
+def test_a_value_that_cannot_be_converted_is_a_rejected_row(store: DetectionStore) -> None:
+    odd = make_result(1, detections=(Detection((0, 0, 1, 1), "car", "high"),))  # type: ignore[arg-type]
+
+    with pytest.raises(RowsRejected, match=r"^SQLite rejected the rows: ValueError: "):
+        store.write_results([make_result(0), odd], WRITTEN_NS)
+
+    assert store.count_results() == 0
+
+
 @pytest.mark.parametrize(
     "change",
     [{"seq": 2**63}, {"capture_ns": 2**64}, {"ingest_ns": -(2**63) - 1}, {"job_id": "a\udcff"}],
