@@ -8,29 +8,39 @@ hosts' (node-exporter) and the GPUs' (NVIDIA dcgm-exporter).
   and its rules, applied to the MBeans Kafka's monitoring documentation lists, name the
   table's Kafka series. (No Kafka broker can run here: the rules are applied by a
   re-implementation of the exporter's documented matching, below.)
-- Debian's node-exporter, run here, serves every node-exporter name of the table.
+- Debian's node-exporter, run here, serves every node-exporter name of the table, and a
+  real Prometheus scraping it answers every query of the hosts dashboard and the host
+  alerts with data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import shutil
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from tests.integration.metric_names import (
+    DASHBOARD_DIR,
     ROOT,
+    dashboard_expressions,
     exported_names,
     external_metrics,
     is_own,
+    metric_names,
+    rules,
     used_names,
 )
+from tests.integration.test_prometheus import api, require
 from tests.metrics_data import free_port
 
 pytestmark = pytest.mark.integration
@@ -280,8 +290,9 @@ def test_kafka_image_loads_the_agent_for_the_broker_only() -> None:
 
 
 @pytest.fixture(scope="module")
-def node_exporter_names() -> Iterator[set[str]]:
-    """The metric names a real node-exporter (Debian's package) serves on this machine."""
+def node_exporter() -> Iterator[tuple[int, set[str]]]:
+    """A real node-exporter (Debian's package) on loopback: (its port, the metric names it
+    serves on this machine)."""
     binary = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
     if binary is None:
         pytest.skip("node-exporter not installed (Debian package prometheus-node-exporter)")
@@ -302,11 +313,14 @@ def node_exporter_names() -> Iterator[set[str]]:
             except OSError:
                 assert time.monotonic() < deadline, "node-exporter did not answer in 20 s"
                 time.sleep(0.1)
-        yield {
-            re.split(r"[{ ]", line, maxsplit=1)[0]
-            for line in body.splitlines()
-            if line and not line.startswith("#")
-        }
+        yield (
+            port,
+            {
+                re.split(r"[{ ]", line, maxsplit=1)[0]
+                for line in body.splitlines()
+                if line and not line.startswith("#")
+            },
+        )
     finally:
         process.terminate()
         try:
@@ -317,8 +331,78 @@ def node_exporter_names() -> Iterator[set[str]]:
 
 
 def test_node_exporter_serves_every_node_name_of_the_table(
-    node_exporter_names: set[str], table: dict[str, Any]
+    node_exporter: tuple[int, set[str]], table: dict[str, Any]
 ) -> None:
+    _, served = node_exporter
     node_rows = {name for name in table if name.startswith("node_")}
     assert node_rows
-    assert node_rows <= node_exporter_names, node_rows - node_exporter_names
+    assert node_rows <= served, node_rows - served
+
+
+def host_queries() -> list[str]:
+    """Every query on node-exporter's series: the hosts dashboard's, the overview's that
+    read only node_* series, and the host alerts' (without their thresholds), with the
+    dashboard variables filled in as Grafana would for "All"."""
+    host = json.loads((DASHBOARD_DIR / "host.json").read_text())
+    overview = json.loads((DASHBOARD_DIR / "overview.json").read_text())
+    queries = dashboard_expressions(host)
+    queries += [
+        expr
+        for expr in dashboard_expressions(overview)
+        if metric_names(expr) and all(n.startswith("node_") for n in metric_names(expr))
+    ]
+    queries += [
+        re.sub(r"\s*[<>]=?\s*[\d.]+$", "", rule["expr"].strip())
+        for rule in rules("infrastructure-alerts.yml")
+        if all(n.startswith("node_") for n in metric_names(rule["expr"]))
+    ]
+    return [q.replace("$host", ".*").replace("$__rate_interval", "5s") for q in queries]
+
+
+def test_host_queries_return_data_from_a_real_node_exporter(
+    node_exporter: tuple[int, set[str]], tmp_path: Path
+) -> None:
+    binary = require("prometheus")
+    port, _ = node_exporter
+    web_port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "node-exporter",
+                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    queries = host_queries()
+    assert len(queries) >= 15
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{web_port}"
+    try:
+        empty = list(queries)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        # Rates need two scrapes: ask again until every query has data, within 20 s.
+        while empty and time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            with contextlib.suppress(OSError):  # not listening yet
+                empty = [q for q in empty if not api(url, "/api/v1/query", query=q)["result"]]
+            time.sleep(0.5)
+        assert not empty, f"no data for: {empty}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
