@@ -25,15 +25,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from operators import contract
 from operators import dead_letters as dl
+from operators.detector import load_detector
+from operators.frames import FrameBatch, FrameResult
+from operators.inference import Inferencer
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import open_store
 from operators.tally import Tally
+from tests.fixtures.kafka import read_topic
 from tests.fixtures.postgres import (
     CI_MISSING_MESSAGE,
     DIR_PREFIX,
@@ -45,6 +51,8 @@ from tests.fixtures.postgres import (
     free_port,
     remove_abandoned_dirs,
 )
+from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
+from tests.integration.test_kafka_flow import run_flow
 from tests.unit.test_sinks import overflowing, result
 
 pytestmark = pytest.mark.integration
@@ -232,6 +240,60 @@ def test_rows_postgresql_refuses_become_dead_letters_and_the_rest_is_stored(
     (safe,) = [d for d in dead if d["reason"] == dl.BAD_HEADER]
     assert safe["source_offset"] == -1 and "offset 18446744073709551616" in safe["detail"]
     assert (tally.written, tally.dead_letters) == (4, 5)
+
+
+@pytest.fixture(scope="module")
+def inferencer() -> Inferencer:
+    return Inferencer.create(load_detector(), device="cpu")
+
+
+def test_flow_through_kafka_dead_letters_the_rows_postgresql_refuses(
+    kafka_config: dict[str, Any],
+    create_topic: Callable[[str, int], None],
+    unique_topic: Callable[[str], str],
+    postgres_store_url: str,
+    inferencer: Inferencer,
+) -> None:
+    topics = {"input": unique_topic("frames"), "output": unique_topic("detections")}
+    topics["dlq"] = unique_topic("dead-letters")
+    for name in topics.values():
+        create_topic(name, 4)
+    expected = fill_topic(
+        kafka_config, topics["input"], cameras=3, frames_per_camera=6, job_id="refused"
+    )
+
+    def infer(batch: FrameBatch) -> list[FrameResult]:
+        """The real model, then camera 1's capture times pushed past int64: a value that
+        got through decoding but that the database refuses (a partial fake, on purpose)."""
+        results = inferencer.infer(batch)
+        return [
+            replace(r, meta=replace(r.meta, capture_ns=2**64)) if r.meta.camera == "cam-1" else r
+            for r in results
+        ]
+
+    run_flow(kafka_config, topics, postgres_store_url, inferencer, infer=infer)
+    run_flow(kafka_config, topics, postgres_store_url, inferencer, infer=infer)  # no crash loop
+
+    refused = {frame_id for frame_id in expected if "/cam-1/" in frame_id}
+    store = open_store(postgres_store_url)
+    try:
+        rows = {row["frame_id"] for row in store.fetch_results()}
+        letters = store.fetch_dead_letters()
+    finally:
+        store.close()
+    assert rows == expected - refused
+    rejected = [d for d in letters if d["reason"] == dl.SINK_REJECTED]
+    assert {d["frame_id"] for d in rejected} == refused and len(rejected) == len(refused)
+    assert len(letters) == DEAD_LETTERS + len(refused)
+    published = read_topic(kafka_config, topics["dlq"], expected=DEAD_LETTERS + 2 * len(refused))
+    # Once per run: a replay meets the refused frames again, as it meets bad input again.
+    reasons = [m.header(contract.DLQ_REASON) for m in published]
+    assert reasons.count(dl.SINK_REJECTED) == 2 * len(refused)
+    assert all(
+        "bigint out of range" in (m.header(contract.DLQ_DETAIL) or "")
+        for m in published
+        if m.header(contract.DLQ_REASON) == dl.SINK_REJECTED
+    )
 
 
 def test_a_write_waits_for_a_stopped_server_and_completes_once(
