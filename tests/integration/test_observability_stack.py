@@ -10,16 +10,20 @@ hosts' (node-exporter) and the GPUs' (NVIDIA dcgm-exporter).
   re-implementation of the exporter's documented matching, below.)
 - Debian's node-exporter, run here, serves every node-exporter name of the table, and a
   real Prometheus scraping it answers every query of the hosts dashboard and the host
-  alerts with data.
+  alerts with data. The Kafka broker dashboard's queries get data too from a real
+  Prometheus scraping a stand-in for the broker's exporter that serves the series the
+  rules make of those MBeans.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -339,6 +343,52 @@ def test_node_exporter_serves_every_node_name_of_the_table(
     assert node_rows <= served, node_rows - served
 
 
+@contextlib.contextmanager
+def prometheus_scraping(job: str, target: str, tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus scraping `target` every second as job `job`; yields its URL."""
+    binary = require("prometheus")
+    web_port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield f"http://127.0.0.1:{web_port}"
+        assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def queries_without_data(url: str, queries: list[str]) -> list[str]:
+    """Ask Prometheus until every query has data (rates need two scrapes), at most 20 s;
+    the queries that still have none."""
+    empty = list(queries)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while empty and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # not listening yet
+            empty = [q for q in empty if not api(url, "/api/v1/query", query=q)["result"]]
+        time.sleep(0.5)
+    return empty
+
+
 def host_queries() -> list[str]:
     """Every query on node-exporter's series: the hosts dashboard's, the overview's that
     read only node_* series, and the host alerts' (without their thresholds), with the
@@ -362,47 +412,64 @@ def host_queries() -> list[str]:
 def test_host_queries_return_data_from_a_real_node_exporter(
     node_exporter: tuple[int, set[str]], tmp_path: Path
 ) -> None:
-    binary = require("prometheus")
     port, _ = node_exporter
-    web_port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "node-exporter",
-                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
-            }
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     queries = host_queries()
     assert len(queries) >= 15
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{web_port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{web_port}"
+    with prometheus_scraping("node-exporter", f"127.0.0.1:{port}", tmp_path) as url:
+        empty = queries_without_data(url, queries)
+    assert not empty, f"no data for: {empty}"
+
+
+# The Kafka broker dashboard against a stand-in broker exporter --------------------------------
+
+# What the JMX exporter's agent adds from client_java's JVM metrics (names as in
+# https://prometheus.github.io/client_java/instrumentation/jvm/).
+JVM_SERIES = [
+    ("process_cpu_seconds_total", {}),
+    ("process_resident_memory_bytes", {}),
+    ("jvm_memory_used_bytes", {"area": "heap"}),
+    ("jvm_memory_max_bytes", {"area": "heap"}),
+]
+
+
+def fake_broker_exposition(config: dict[str, Any]) -> bytes:
+    """A FAKE of the broker's JMX exporter (no Kafka broker can run here): the Prometheus
+    text exposition of the series the rules make of KAFKA_MBEANS, plus the JVM series."""
+    series = [apply_jmx_rules(config, bean, attribute) for bean, attribute, _, _ in KAFKA_MBEANS]
+    lines = []
+    for name, labels in [s for s in series if s] + JVM_SERIES:
+        pairs = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+        lines.append(f"{name}{{{pairs}}} 1")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_kafka_broker_dashboard_queries_return_data(
+    jmx_config: dict[str, Any], tmp_path: Path
+) -> None:
+    body = fake_broker_exposition(jmx_config)
+
+    class Exporter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Exporter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dashboard = json.loads((DASHBOARD_DIR / "kafka-broker.json").read_text())
+    queries = [
+        q.replace("$broker", ".*").replace("$__rate_interval", "5s")
+        for q in dashboard_expressions(dashboard)
+    ]
     try:
-        empty = list(queries)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        # Rates need two scrapes: ask again until every query has data, within 20 s.
-        while empty and time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-            with contextlib.suppress(OSError):  # not listening yet
-                empty = [q for q in empty if not api(url, "/api/v1/query", query=q)["result"]]
-            time.sleep(0.5)
+        target = f"127.0.0.1:{server.server_port}"
+        with prometheus_scraping("kafka", target, tmp_path) as url:
+            empty = queries_without_data(url, queries)
         assert not empty, f"no data for: {empty}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.shutdown()
+        server.server_close()
