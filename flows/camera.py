@@ -323,7 +323,7 @@ class LiveSource:
 
     url: str
     options: dict[str, str] = field(default_factory=dict)
-    input_format: str | None = None
+    demuxer: str | None = None
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
     backoff_initial_s: float = 0.5
@@ -341,8 +341,8 @@ class LiveSource:
         scheme = url.partition("://")[0].lower()
         if scheme in {"rtsp", "rtsps"}:
             opts.setdefault("rtsp_transport", "tcp")
-        if kwargs.get("input_format") is None and "://" not in url:
-            kwargs["input_format"] = "v4l2"
+        if kwargs.get("demuxer") is None and "://" not in url:
+            kwargs["demuxer"] = "v4l2"
         return cls(url=url, options=opts, **kwargs)
 
     @property
@@ -542,7 +542,7 @@ def live_video_frames(
         try:
             container = av.open(
                 source.url,
-                format=source.input_format,
+                format=source.demuxer,
                 options=dict(source.options),
                 timeout=(source.open_timeout_s, source.read_timeout_s),
             )
@@ -871,7 +871,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "rw_timeout=5000000, video_size=1280x720 for a webcam); RTSP defaults to TCP",
     )
     live.add_argument(
-        "--input-format",
+        "--demuxer",
         help="FFmpeg demuxer to use instead of probing (default: v4l2 for a device path)",
     )
     live.add_argument(
@@ -932,8 +932,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if is_live_source(args.source):
         _validate_live(parser, args)
         return
-    if args.ffmpeg_option or args.input_format:
-        parser.error("--ffmpeg-option and --input-format apply to live sources only")
+    if args.ffmpeg_option or args.demuxer:
+        parser.error("--ffmpeg-option and --demuxer apply to live sources only")
     if args.source != "synthetic" and not Path(args.source).exists():
         parser.error(f"--source {args.source}: no such file or folder")
 
@@ -992,7 +992,7 @@ def _frames_of(args: argparse.Namespace) -> Iterable[list[OutgoingFrame]] | Live
         source = LiveSource.of(
             args.source,
             parse_ffmpeg_options(args.ffmpeg_option),
-            input_format=args.input_format,
+            demuxer=args.demuxer,
             open_timeout_s=args.open_timeout,
             read_timeout_s=args.read_timeout,
             backoff_initial_s=min(0.5, args.reconnect_max),

@@ -20,6 +20,7 @@ from flows.camera import (
     OutgoingFrame,
     is_live_source,
     live_video_frames,
+    main,
     parse_ffmpeg_options,
     publish,
     redact_url,
@@ -75,15 +76,13 @@ def test_ffmpeg_options_parse_and_errors_name_the_key_only() -> None:
 def test_live_source_defaults() -> None:
     rtsp = LiveSource.of("rtsp://cam/stream")
     assert rtsp.options == {"rtsp_transport": "tcp", "fpsprobesize": "0"}
-    assert rtsp.input_format is None
+    assert rtsp.demuxer is None
     udp = LiveSource.of("rtsps://cam/stream", {"rtsp_transport": "udp", "fpsprobesize": "5"})
     assert udp.options == {"rtsp_transport": "udp", "fpsprobesize": "5"}
     assert LiveSource.of("http://cam/live.ts").options == {"fpsprobesize": "0"}
     webcam = LiveSource.of("/dev/video2", {"video_size": "1280x720"})
-    assert webcam.input_format == "v4l2"
-    assert LiveSource.of("/dev/video2", input_format="video4linux2").input_format == (
-        "video4linux2"
-    )
+    assert webcam.demuxer == "v4l2"
+    assert LiveSource.of("/dev/video2", demuxer="video4linux2").demuxer == ("video4linux2")
     assert LiveSource.of("rtsp://u:pw@cam/s").name == "rtsp://***@cam/s"
 
 
@@ -170,7 +169,7 @@ class SlowFakeProducer:
 def _lavfi_source(size: str = "96x64", rate: int = 50) -> LiveSource:
     """A real FFmpeg source paced in real time, opened without a server."""
     return LiveSource(
-        url=f"testsrc=size={size}:rate={rate},realtime", input_format="lavfi", read_timeout_s=2
+        url=f"testsrc=size={size}:rate={rate},realtime", demuxer="lavfi", read_timeout_s=2
     )
 
 
@@ -229,7 +228,7 @@ def test_a_source_that_ends_is_reopened_and_each_outage_counted_once(
     # A real FFmpeg source that ends after 4 frames, reopened after 20 ms.
     source = LiveSource(
         url="testsrc=size=64x48:rate=20:duration=0.2",
-        input_format="lavfi",
+        demuxer="lavfi",
         backoff_initial_s=0.02,
         backoff_max_s=0.02,
     )
@@ -252,3 +251,24 @@ def test_a_source_that_ends_is_reopened_and_each_outage_counted_once(
     back = [r.getMessage() for r in caplog.records if " back after " in r.getMessage()]
     assert len(lost) == len(back) == 2
     assert back[1].endswith("(outage 2)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source", "rtsp://cam/s", "-o", "Authorization: s3cret"], "number 1 is not KEY="),
+        (["--source", "http://cam/live.ts", "--loop"], "--loop does not apply"),
+        (["--source", "synthetic", "-o", "rtsp_transport=udp"], "live sources only"),
+        (["--source", "udp://0.0.0.0:1234", "--read-timeout", "0"], "--read-timeout must be"),
+        (["--source", "tcp://cam:9000", "--queue-frames", "0"], "--queue-frames must be"),
+    ],
+)
+def test_cli_rejects_bad_live_options(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--brokers", "127.0.0.1:9", *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "s3cret" not in err
