@@ -83,8 +83,13 @@ def prepare_recovery(directory: Path, process: int, partitions: int) -> int:
 
 
 def _env_int(name: str, default: int | None = None) -> int | None:
+    """The whole number in environment variable `name`; one error line and exit 2 if not."""
     value = os.environ.get(name, "").strip()
-    return int(value) if value else default
+    if not value:
+        return default
+    if not value.isascii() or not value.isdigit():
+        raise SystemExit(f"streamsight: {name}: not a whole number (expected digits, e.g. 3)")
+    return int(value)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flows import cluster
 from flows.cluster import ordinal, peer_addresses, prepare_recovery, write_hostfile
 from flows.recovery import process_id
 
@@ -43,3 +44,16 @@ def test_only_process_zero_creates_recovery_partitions(tmp_path: Path) -> None:
     assert prepare_recovery(tmp_path / "p0", 0, 4) == 4
     assert prepare_recovery(tmp_path / "p1", 1, 4) == 0
     assert (tmp_path / "p1").is_dir()
+
+
+@pytest.mark.parametrize(
+    "name", ["STREAMSIGHT_REPLICAS", "STREAMSIGHT_PEER_PORT", "STREAMSIGHT_RECOVERY_PARTITIONS"]
+)
+@pytest.mark.parametrize("value", ["x", "-1", "2.5"])
+def test_a_bad_number_in_the_environment_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as caught:
+        cluster.main(["--pod-name", "s-0", "--statefulset", "s", "--replicas", "1"])
+    assert str(caught.value) == f"streamsight: {name}: not a whole number (expected digits, e.g. 3)"
