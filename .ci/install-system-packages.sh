@@ -9,12 +9,14 @@
 #                  producer's live-source tests
 #   rtsp-server-perl - a real RTSP server (RTP over UDP) that FFmpeg publishes to, for
 #                  the camera producer's RTSP test
+#   prometheus-node-exporter - the host exporter whose series the host dashboard and
+#                  alerts query, scraped by a real Prometheus in the tests
 #
 # Services are never started: the tests start their own servers in temporary directories.
 # Safe to run repeatedly; with everything present it only queries dpkg.
 set -euo pipefail
 
-PACKAGES=(postgresql prometheus kubernetes-client ffmpeg rtsp-server-perl)
+PACKAGES=(postgresql prometheus kubernetes-client ffmpeg rtsp-server-perl prometheus-node-exporter)
 
 is_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -31,6 +33,7 @@ has_tools() {
         kubernetes-client) command -v kubectl >/dev/null 2>&1 ;;
         ffmpeg) command -v ffmpeg >/dev/null 2>&1 ;;
         rtsp-server-perl) command -v rtsp-server-perl >/dev/null 2>&1 ;;
+        prometheus-node-exporter) command -v prometheus-node-exporter >/dev/null 2>&1 ;;
         *) return 1 ;;
     esac
 }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -299,7 +300,10 @@ def node_exporter() -> Iterator[tuple[int, set[str]]]:
     serves on this machine)."""
     binary = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
     if binary is None:
-        pytest.skip("node-exporter not installed (Debian package prometheus-node-exporter)")
+        reason = "node-exporter not installed (Debian package prometheus-node-exporter)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}: .ci/install-system-packages.sh installs it")
+        pytest.skip(reason)
     port = free_port()
     process = subprocess.Popen(
         [binary, f"--web.listen-address=127.0.0.1:{port}"],
