@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,13 +31,17 @@ from flows.embedded import EmbeddedBroker
 from flows.settings import Settings
 from operators.evaluation import EvalReport, evaluate_detections
 from operators.kafka_io import CheckedProducer, producer_config
-from operators.metrics import Usage, read_usage
 from operators.scene import render_frame
 from operators.stores import detections_from_json, open_store, redact_url
 from operators.tally import Tally
 from operators.tracing import Tracing, send_tracer
+from operators.workers import threads_per_worker, workers_per_process
+from tools.diagnosis import Readings, RegistrySample, diagnose, readings_between
 
 log = logging.getLogger(__name__)
+
+VERDICT_WINDOW_S = 5.0
+"""The live progress line's verdict covers about the last this many seconds."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ class Demo:
         self.settings = settings
         self.tally = tally
         self.tracing = tracing or Tracing.disabled()
-        self._usage_at: tuple[float, Usage | None] = (0.0, None)
+        self._samples: deque[RegistrySample] = deque()
+        self._first_sample: RegistrySample | None = None
         self._usage_text = ""
         self.job_id = settings.demo_job_id or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
         self.per_camera = math.ceil(settings.demo_frames / settings.demo_cameras)
@@ -169,6 +175,9 @@ class Demo:
             self.per_camera,
             self.settings.demo_fps or "max",
         )
+        if self.settings.metrics_enabled:
+            self._first_sample = RegistrySample.read(time.monotonic())
+            self._samples.append(self._first_sample)
         self._camera.start()
         if self.settings.progress:
             self._progress.start()
@@ -219,29 +228,36 @@ class Demo:
             f"{self._resources()}"
         )
 
+    def _readings(self, since: RegistrySample, until: RegistrySample) -> Readings:
+        """This process's readings between two samples of its metrics."""
+        workers = workers_per_process()
+        return readings_between(
+            since,
+            until,
+            workers_per_process=workers,
+            model_threads=threads_per_worker(workers, self.settings.cpu_threads),
+        )
+
     def _resources(self) -> str:
-        """Lag, CPU per stage (share of one core) and GPU use over the last second."""
+        """Lag, CPU per stage (share of one core) and GPU use over the last second, and
+        the bound over about the last `VERDICT_WINDOW_S` seconds."""
         if not self.settings.metrics_enabled:
             return ""
         now = time.monotonic()
-        if self._usage_text and now - self._usage_at[0] < 1.0:
+        if self._samples and now - self._samples[-1].at_s < 1.0:
             return self._usage_text
-        usage = read_usage()
-        before_at, before = self._usage_at
-        self._usage_at = (now, usage)
-        if before is None:
+        sample = RegistrySample.read(now)
+        self._samples.append(sample)
+        if len(self._samples) < 2:
             return self._usage_text
-        window = now - before_at
-        busiest = sorted(
-            (
-                (usage.stage_cpu_s[stage] - before.stage_cpu_s.get(stage, 0.0)) / window,
-                stage,
-            )
-            for stage in usage.stage_cpu_s
-        )[::-1][:3]
+        last = self._readings(self._samples[-2], sample)
+        while len(self._samples) > 2 and now - self._samples[1].at_s >= VERDICT_WINDOW_S:
+            self._samples.popleft()
+        busiest = sorted((share, stage) for stage, share in last.stage_cpu.items())[::-1][:3]
         cpu = " ".join(f"{stage} {share:.0%}" for share, stage in busiest)
-        gpu = "" if usage.gpu_utilization is None else f" | gpu {usage.gpu_utilization:.0%}"
-        self._usage_text = f" | lag {usage.lag_records:.0f} | cpu {cpu}{gpu}"
+        gpu = "" if last.gpu_utilization is None else f" | gpu {last.gpu_utilization:.0%}"
+        verdict = diagnose(self._readings(self._samples[0], sample)).verdict
+        self._usage_text = f" | lag {last.lag_records or 0:.0f} | cpu {cpu}{gpu} | {verdict}"
         return self._usage_text
 
     def _show_progress(self) -> None:
@@ -300,6 +316,9 @@ class Demo:
         )
         if self.settings.progress:
             self.console.print(summary_table(summary, self.job_id))
+            if self._first_sample is not None:
+                run = self._readings(self._first_sample, RegistrySample.read(time.monotonic()))
+                self.console.print(diagnose(run).verdict, markup=False, highlight=False)
             self.console.print(f"detections stored in {redact_url(self.settings.sink)}")
         self.broker.close()
         if self.error or summary.missing:

@@ -1,6 +1,7 @@
 """`python -m tools.doctor` against a real Prometheus scraping the running flow, made to be
 bound in known ways: first the offered load far below capacity, then a producer far above
-it with batches of one frame (`STREAMSIGHT_BATCH_MAX_SIZE=1`).
+it with batches of one frame (`STREAMSIGHT_BATCH_MAX_SIZE=1`). And the demo's progress
+line and summary say the verdict of the same rules in one line.
 
 The flow runs a detector three times wider than the shipped one (untrained, the same
 architecture: about 9x the compute per frame, 20 to 40 ms on one thread of a 2-core
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ from flows.camera import OutgoingFrame, publish, synthetic_frames
 from operators.kafka_io import CheckedProducer
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
 from tests.integration.test_prometheus import prometheus_server, wait_for
+from tests.metrics_data import free_port
 
 pytestmark = pytest.mark.integration
 __all__ = ["prometheus_server"]
@@ -158,3 +161,40 @@ def test_doctor_names_the_offered_load_then_inference_with_batches_of_one(
         flow.kill()
         _, stderr = flow.communicate(timeout=30)
     assert b"Traceback" not in stderr, stderr.decode(errors="replace")[-3000:]
+
+
+VERDICT = re.compile(
+    r"bound by: (the offered load, workers \d+% busy|inference on \w+(, \d+ threads?)?"
+    r"|preprocessing CPU, [\d.]+ cores per process|Kafka ingest.*|the sink, .*"
+    r"|the interpreter lock, .*|no single stage, .*|nothing yet, .*)"
+)
+
+
+def test_demo_progress_line_and_summary_say_the_bound_in_one_line(tmp_path: Path) -> None:
+    env = subprocess_env(
+        STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'detections.db'}",
+        STREAMSIGHT_DEMO_FRAMES="240",
+        STREAMSIGHT_DEMO_FPS="10",
+        STREAMSIGHT_METRICS_PORT=str(free_port()),
+        STREAMSIGHT_METRICS_ADDR="127.0.0.1",
+        OTEL_SDK_DISABLED="true",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bytewax.run", "flows.video"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    progress = [line for line in lines if line.startswith("processed ")]
+    assert progress and all(" | bound by: " in line for line in progress), output[-3000:]
+    for line in progress:
+        assert VERDICT.fullmatch(line[line.index("bound by: ") :]), line
+    # The summary: its table, then the verdict of the whole run on a line of its own.
+    table_end = max(i for i, line in enumerate(lines) if line.startswith("└"))
+    assert VERDICT.fullmatch(lines[table_end + 1]), lines[table_end + 1]
+    assert lines[table_end + 2].startswith("detections stored in ")
