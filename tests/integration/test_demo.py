@@ -85,18 +85,24 @@ def test_bad_configuration_fails_fast_with_a_clear_error(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    ("setting", "value", "message"),
+    ("setting", "value", "code", "message"),
     [
-        ("STREAMSIGHT_MODEL_PATH", "/nonexistent/model.pt", "streamsight: model file"),
+        (
+            "STREAMSIGHT_MODEL_PATH",
+            "/nonexistent/model.pt",
+            2,
+            "streamsight: STREAMSIGHT_MODEL_PATH",
+        ),
         (
             "STREAMSIGHT_SINK",
             "postgresql://user:planted-pg-secret@127.0.0.1:1/db",
+            1,
             "streamsight: cannot connect to PostgreSQL",
         ),
     ],
 )
 def test_unusable_model_or_sink_stops_before_the_flow_with_one_line(
-    tmp_path: Path, setting: str, value: str, message: str
+    tmp_path: Path, setting: str, value: str, code: int, message: str
 ) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bytewax.run", "flows.video"],
@@ -106,7 +112,7 @@ def test_unusable_model_or_sink_stops_before_the_flow_with_one_line(
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == code
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and "panicked" not in proc.stderr
     assert "planted-pg-secret" not in proc.stdout + proc.stderr

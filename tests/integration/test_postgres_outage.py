@@ -84,16 +84,10 @@ def server() -> Iterator[TemporaryPostgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def start_again(pg: TemporaryPostgres) -> None:
-    """Start a stopped server on the port it had, so clients reconnect to the same URL."""
-    if pg.process is None:
-        pg._start_once()
-
-
 @pytest.fixture
 def database(server: TemporaryPostgres) -> str:
     """URL (password included, which trust authentication ignores) of a new database."""
-    start_again(server)
+    server.restart()
     name = f"outage_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -326,7 +320,7 @@ def test_a_write_waits_for_a_stopped_server_and_completes_once(
         assert retrying.wait(timeout=30), "the sink never reported the outage"
         assert writer.is_alive()  # still waiting: nothing acknowledged past unwritten rows
     finally:
-        start_again(server)
+        server.restart()
     writer.join(timeout=60)
     part.close()
 
@@ -355,7 +349,7 @@ def test_flow_stalls_while_postgresql_is_down_and_stores_every_frame_once(
             series = sink_series(flow.metrics_port)
             time.sleep(max(0.0, stopped + OUTAGE_S - time.monotonic()))
         finally:
-            start_again(server)
+            server.restart()
         status = flow.finish()
     finally:
         flow.kill()
@@ -391,7 +385,7 @@ def test_flow_gives_up_with_one_line_when_postgresql_stays_down(
         waited = time.monotonic() - stopped
     finally:
         flow.kill()
-        start_again(server)
+        server.restart()
 
     stderr = flow.stderr.read_text(errors="replace")
     output = flow.output()
