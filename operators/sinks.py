@@ -320,7 +320,9 @@ class StoreRetry:
 def exit_process(message: str) -> NoReturn:
     """End the process at once with status 1 and `streamsight: <message>` as its one line
     on stderr. Raising from a Bytewax worker would print a Rust panic and a traceback
-    instead; nothing past the unwritten rows was acknowledged, so a restart resumes there."""
+    instead (Bytewax has no hook to stop a dataflow with an error quietly:
+    https://github.com/bytewax/bytewax/issues/318). Nothing past the unwritten rows was
+    acknowledged, so a restart resumes there."""
     sys.stdout.flush()
     sys.stderr.write(f"streamsight: {one_line(message)}\n")
     sys.stderr.flush()
