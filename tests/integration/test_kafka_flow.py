@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -20,11 +21,13 @@ from operators.detector import load_detector
 from operators.frames import FrameBatch, FrameResult
 from operators.inference import Inferencer
 from operators.ingest import EndOffsets, frame_source
+from operators.kafka_io import CheckedProducer
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import open_store
 from operators.tracing import Tracing, write_tracer
 from operators.workers import routed_worker
 from tests.fixtures.kafka import read_topic
+from tests.helpers import jpeg_bytes
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 
 pytestmark = pytest.mark.integration
@@ -45,12 +48,13 @@ def run_flow(
     workers: int = 1,
     infer: Any = None,
     end_offsets: EndOffsets | None = None,
+    max_frame_age_ms: float = 0.0,
 ) -> None:
     """Run the flow in-process over `topics["input"]` to its end (or to `end_offsets`
     once they are known), on `workers` worker threads; traced with `tracing`; `infer`
     replaces the inferencer's."""
     traced = tracing or Tracing.disabled()
-    settings = Settings(batch_max_size=8, batch_max_delay_ms=20)
+    settings = Settings(batch_max_size=8, batch_max_delay_ms=20, max_frame_age_ms=max_frame_age_ms)
     producer = {**config, "enable.idempotence": True, "acks": "all"}
     flow = build_flow(
         settings,
@@ -205,3 +209,38 @@ def test_two_workers_share_the_inference_evenly(
     assert sorted(len(p) for p in partitions_of.values()) == [2, 2]
     assert set.union(*partitions_of.values()) == {0, 1, 2, 3}
     assert sorted(frames_of.values()) == [24, 26]  # cam-0 also has the 2 conflicting repeats
+
+
+def test_every_frame_sent_is_stored_dead_lettered_or_skipped_as_stale(
+    kafka_config, topics, tmp_path, inferencer: Inferencer
+) -> None:
+    """A topic holding a backlog of old frames beside fresh ones: with an age limit, each
+    message comes out exactly once, as a row, a dead letter or a `stale` skip."""
+    fresh = fill_topic(kafka_config, topics["input"], cameras=2, frames_per_camera=6, job_id="j")
+    old_ms = time.time() * 1000 - 120_000
+    producer = CheckedProducer({**kafka_config, "enable.idempotence": True, "acks": "all"})
+    try:
+        for seq in range(8):
+            headers = contract.frame_headers(
+                job_id="backlog", camera="cam-9", seq=seq, capture_time_ms=old_ms + seq
+            )
+            producer.produce(topics["input"], jpeg_bytes(), key=b"cam-9", headers=headers)
+        producer.flush_and_check()
+    finally:
+        producer.close()
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    run_flow(kafka_config, topics, url, inferencer, max_frame_age_ms=60_000)
+
+    store = open_store(url)
+    try:
+        rows = store.fetch_results()
+        letters = store.fetch_dead_letters()
+    finally:
+        store.close()
+    stale = [d for d in letters if d["reason"] == dl.STALE]
+    assert Counter(r["frame_id"] for r in rows) == Counter(fresh)
+    assert sorted(d["frame_id"] for d in stale) == [f"backlog/cam-9/{s}" for s in range(8)]
+    assert len(letters) - len(stale) == DEAD_LETTERS
+    # fill_topic also re-sends cam-0/0 with its own bytes: a duplicate, stored once.
+    sent = len(fresh) + DEAD_LETTERS + 1 + 8
+    assert len(rows) + len(letters) + 1 == sent
