@@ -19,6 +19,7 @@ does not scrape it, `--workers` gives the number, else one worker per process is
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import re
@@ -229,10 +230,21 @@ def job_share(responses: Mapping[str, Mapping[str, Any]], job_id: str) -> JobSha
 
 
 class Prometheus:
-    """Instant queries against a Prometheus server's HTTP API."""
+    """Instant queries against a Prometheus server's HTTP API. A user and password in the
+    URL (`http://user:password@host:9090`) are sent as HTTP basic auth and never shown."""
 
     def __init__(self, url: str, *, timeout_s: float = TIMEOUT_S, at: str | None = None):
-        self.url = url.rstrip("/")
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        self.headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parts.port}" if parts.port else ""
+        self.url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         self.timeout_s = timeout_s
         self.at = at
 
@@ -242,7 +254,7 @@ class Prometheus:
         request = urllib.request.Request(
             f"{self.url}/api/v1/query",
             data=urllib.parse.urlencode(params).encode(),
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            headers=self.headers,
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:

@@ -263,3 +263,20 @@ def test_quantile_from_buckets_matches_prometheus_interpolation() -> None:
     assert quantile_from_buckets(0.5, buckets) == pytest.approx(0.05)
     assert quantile_from_buckets(0.9, buckets) == pytest.approx(0.09)
     assert quantile_from_buckets(0.5, {"+Inf": 0.0}) is None
+
+
+def test_credentials_in_the_url_never_show_in_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    url = f"http://viewer:planted-Secr3t@127.0.0.1:{port}/"
+    assert doctor.main(["--prometheus", url, "--window", "1m"]) == 1
+    err = capsys.readouterr().err
+    assert "planted-Secr3t" not in err and "viewer" not in err
+    assert f"http://127.0.0.1:{port}" in err
+
+
+def test_credentials_in_the_url_become_basic_auth() -> None:
+    client = doctor.Prometheus("https://viewer:p%40ss@prometheus.example:9090/prom/")
+    assert client.url == "https://prometheus.example:9090/prom"
+    assert client.headers["Authorization"] == "Basic dmlld2VyOnBAc3M="  # viewer:p@ss
+    assert "Authorization" not in doctor.Prometheus("http://[::1]:9090").headers
+    assert doctor.Prometheus("http://[::1]:9090").url == "http://[::1]:9090"
