@@ -338,6 +338,8 @@ def redact_url(url: str) -> str:
             [(key, MASK if key.lower() == "password" else value) for key, value in pairs],
             safe="*",
         )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to mask; urlunsplit would also drop sqlite's empty host
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -518,3 +518,10 @@ def test_connection_error_never_shows_the_password(template: str) -> None:
     assert "***" in str(info.value)
     assert secret not in rendered
     assert secret not in repr(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///.streamsight/d.db", "sqlite:////tmp/x.db", "postgresql://db.local/app"]
+)
+def test_redact_url_leaves_a_url_without_secrets_as_it_is(url: str) -> None:
+    assert redact_url(url) == url
