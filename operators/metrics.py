@@ -901,30 +901,3 @@ def pipeline_metrics(
         if _default is None:
             _default = PipelineMetrics(REGISTRY, max_jobs=max_jobs, job_idle_s=job_idle_s)
         return _default
-
-
-@dataclass(frozen=True)
-class Usage:
-    """A reading of the resource series: thread CPU seconds per stage so far, Kafka lag in
-    records over all partitions, and mean GPU utilisation (None without GPU series)."""
-
-    stage_cpu_s: dict[str, float]
-    lag_records: float
-    gpu_utilization: float | None
-
-
-def read_usage(registry: CollectorRegistry = REGISTRY) -> Usage:
-    """Read `Usage` from `registry` (for live progress displays)."""
-    cpu: dict[str, float] = {}
-    lag = 0.0
-    gpu: list[float] = []
-    for metric in registry.collect():
-        if metric.name == f"{PREFIX}_stage_cpu_seconds":
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    cpu[sample.labels["stage"]] = sample.value
-        elif metric.name == f"{PREFIX}_kafka_consumer_lag_records":
-            lag += sum(sample.value for sample in metric.samples)
-        elif metric.name == f"{PREFIX}_gpu_utilization_ratio":
-            gpu += [sample.value for sample in metric.samples]
-    return Usage(cpu, lag, sum(gpu) / len(gpu) if gpu else None)
