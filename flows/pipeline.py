@@ -22,9 +22,9 @@ from operators.batching import batch_logic_builder, local_stream_key, stream_key
 from operators.decode import FrameLimits, prepare_frame
 from operators.frames import DeadLetter, FrameBatch, FrameResult, PreparedFrame
 from operators.ingest import error_to_dead_letter, to_raw_frame
-from operators.metrics import PipelineMetrics
 from operators.shedding import shed_stale
-from operators.tracing import Tracing, traced_infer, traced_prepare, traced_source_error
+from operators.telemetry.metrics import PipelineMetrics
+from operators.telemetry.tracing import Tracing, traced_infer, traced_prepare, traced_source_error
 
 Infer = Callable[[FrameBatch], list[FrameResult]]
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from bytewax.outputs import DynamicSink
 
-from flows.demo import Demo
 from flows.pipeline import build_flow
 from flows.recovery import enable_recovery
 from flows.settings import load_settings, parse_size
 from operators.frames import DeadLetter, FrameResult
-from operators.gpu import GpuSampler
 from operators.inference import shared_inferencer
 from operators.ingest import frame_source
 from operators.kafka_io import (
@@ -27,17 +25,26 @@ from operators.kafka_io import (
     producer_config,
     wait_for_cluster,
 )
-from operators.metrics import LagTracker, PipelineMetrics, pipeline_metrics, start_metrics_server
 from operators.sinks import DeadLetterSink, ResultSink, exit_process
 from operators.stores import StoreError, open_store
 from operators.tally import Tally
-from operators.tracing import setup_tracing, write_tracer
+from operators.telemetry.gpu import GpuSampler
+from operators.telemetry.metrics import (
+    LagTracker,
+    PipelineMetrics,
+    pipeline_metrics,
+    start_metrics_server,
+)
+from operators.telemetry.tracing import setup_tracing, write_tracer
 from operators.workers import (
     freeze_startup_heap,
     keep_freed_memory,
     threads_per_worker,
     workers_per_process,
 )
+
+if TYPE_CHECKING:
+    from tools.demo import Demo
 
 log = logging.getLogger("flows.video")
 T = TypeVar("T")
@@ -63,6 +70,8 @@ store_system = "sqlite" if settings.sink.startswith("sqlite") else "postgresql"
 
 demo: Demo | None = None
 if settings.embedded:
+    from tools.demo import Demo  # the demo (and its embedded broker) only without Kafka
+
     demo = Demo(settings, tally, tracing=tracing)
     bootstrap = demo.bootstrap
 else:

@@ -326,7 +326,7 @@ def load_detector(
 ) -> LoadedDetector:
     """Load a detector: the built-in weights (`path` None), a `.pt2` program, or TorchScript.
 
-    A file written by `flows.train` (state_dict + metadata) is also accepted. `input_size`
+    A file written by `tools.train` (state_dict + metadata) is also accepted. `input_size`
     (width, height) and `classes` override the model's metadata. Raises ValueError naming the
     path when the file is missing or unreadable, or the setting to provide when metadata
     lacks the input size or classes.

@@ -107,7 +107,7 @@ class WriteTrace(Protocol):
 
 
 TraceWrites = Callable[[Sequence[Any]], AbstractContextManager[WriteTrace]]
-"""Optional hook around each write batch (e.g. `operators.tracing.write_tracer`)."""
+"""Optional hook around each write batch (e.g. `operators.telemetry.tracing.write_tracer`)."""
 
 
 class _NoTrace:

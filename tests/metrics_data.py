@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from operators import dead_letters as dl
 from operators.batching import FLUSH_SIZE
 from operators.frames import DeadLetter, FrameBatch, FrameMeta, FrameResult, PreparedFrame
-from operators.gpu import GpuSampler
-from operators.metrics import LagTracker, PipelineMetrics
+from operators.telemetry.gpu import GpuSampler
+from operators.telemetry.metrics import LagTracker, PipelineMetrics
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TOPIC = "frames"

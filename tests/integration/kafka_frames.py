@@ -8,10 +8,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from flows.camera import publish, synthetic_frames
 from operators import contract
 from operators.kafka_io import CheckedProducer
 from tests.helpers import frame_headers, jpeg_bytes
+from tools.camera import publish, synthetic_frames
 
 BAD_FRAMES: list[tuple[bytes, tuple[tuple[str, bytes], ...]]] = [
     (b"", frame_headers(job="job-bad", seq=1)),

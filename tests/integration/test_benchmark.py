@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline_bench import main
+from bench.pipeline import main
 
 pytestmark = pytest.mark.integration
 

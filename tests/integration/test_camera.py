@@ -1,5 +1,5 @@
 """The camera producer: its frame sources, `publish`, and the CLI run as a subprocess
-against a `python -m flows.embedded` broker."""
+against a `python -m tools.embedded` broker."""
 
 from __future__ import annotations
 
@@ -18,18 +18,8 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from flows.camera import (
-    OutgoingFrame,
-    camera_index,
-    file_frames,
-    publish,
-    spread_partition,
-    synthetic_frames,
-)
-from flows.embedded import EmbeddedBroker
 from operators import contract
 from operators.kafka_io import CheckedProducer, DeliveryError, high_watermarks
-from operators.scene import encode_jpeg, render_frame
 from tests.fixtures.kafka import (
     REPO_ROOT,
     BrokerProcess,
@@ -38,6 +28,16 @@ from tests.fixtures.kafka import (
     read_topic,
     subprocess_env,
 )
+from tools.camera import (
+    OutgoingFrame,
+    camera_index,
+    file_frames,
+    publish,
+    spread_partition,
+    synthetic_frames,
+)
+from tools.embedded import EmbeddedBroker
+from tools.scene import encode_jpeg, render_frame
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def camera_broker() -> Iterator[BrokerProcess]:
 
 def _run_camera(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flows.camera", "--quiet", *args],
+        [sys.executable, "-m", "tools.camera", "--quiet", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -221,7 +221,7 @@ def test_cli_progress_lines_when_not_a_terminal(camera_broker: BrokerProcess) ->
         [
             sys.executable,
             "-m",
-            "flows.camera",
+            "tools.camera",
             "--brokers",
             camera_broker.bootstrap,
             "--topic",

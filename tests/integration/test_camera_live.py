@@ -1,6 +1,6 @@
 """The camera CLI on live streams: FFmpeg serves a 1280x720 test pattern on loopback
 (MPEG-TS or MJPEG over HTTP, or MPEG-4 published to an RTSP server), `python -m
-flows.camera` reads it into the embedded broker.
+tools.camera` reads it into the embedded broker.
 
 FFmpeg and rtsp-server-perl come from `.ci/install-system-packages.sh`; without them these
 tests are skipped, except under CI=true, where that is a failure. Sources run at 10
@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import simplejpeg
 
-from flows.embedded import EmbeddedBroker
-from flows.pipeline_bench import free_ports
+from bench.pipeline import free_ports
 from operators import contract
 from operators.kafka_io import high_watermarks
 from tests.fixtures.kafka import REPO_ROOT, ConsumedMessage, read_topic, subprocess_env
+from tools.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +117,7 @@ def stream_server() -> Iterator[Callable[[tuple[str, ...], str], StreamServer]]:
 
 @dataclass
 class CameraRun:
-    """A `python -m flows.camera` subprocess whose output goes to files."""
+    """A `python -m tools.camera` subprocess whose output goes to files."""
 
     process: subprocess.Popen[bytes]
     stdout: Path
@@ -151,7 +151,7 @@ def camera(tmp_path: Path) -> Iterator[Callable[..., CameraRun]]:
         stdout, stderr = tmp_path / f"camera-{index}.out", tmp_path / f"camera-{index}.err"
         with stdout.open("wb") as out, stderr.open("wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "flows.camera", "--quiet", *args],
+                [sys.executable, "-m", "tools.camera", "--quiet", *args],
                 cwd=REPO_ROOT,
                 env=subprocess_env(OTEL_TRACES_EXPORTER="none"),
                 stdin=subprocess.DEVNULL,

@@ -136,7 +136,7 @@ def test_dataflow_and_camera_settings(
         assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
         assert environment["OTEL_SERVICE_NAME"]
     camera = services["camera"]["command"]
-    assert camera[:3] == ["python", "-m", "flows.camera"]
+    assert camera[:3] == ["python", "-m", "tools.camera"]
     assert camera[camera.index("--source") + 1] == "synthetic"
     # Named volumes for Kafka, the sink and recovery.
     assert {"kafka-data", "postgres-data", "recovery"} <= compose["volumes"].keys()

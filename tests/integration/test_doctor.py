@@ -26,11 +26,11 @@ from typing import Any
 
 import pytest
 
-from flows.camera import OutgoingFrame, publish, synthetic_frames
 from operators.kafka_io import CheckedProducer
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
 from tests.integration.test_prometheus import prometheus_server, wait_for
 from tests.metrics_data import free_port
+from tools.camera import OutgoingFrame, publish, synthetic_frames
 
 pytestmark = pytest.mark.integration
 __all__ = ["prometheus_server"]

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaException
 
-from flows.embedded import EmbeddedBroker, EmbeddedBrokerError
 from operators.kafka_io import CheckedProducer, DeliveryError, high_watermarks
 from tests.fixtures.kafka import REPO_ROOT, broker_subprocess, read_topic, subprocess_env
+from tools.embedded import EmbeddedBroker, EmbeddedBrokerError
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from operators.ingest import EndOffsets, frame_source
 from operators.kafka_io import CheckedProducer
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.stores import open_store
-from operators.tracing import Tracing, write_tracer
+from operators.telemetry.tracing import Tracing, write_tracer
 from operators.workers import routed_worker
 from tests.fixtures.kafka import read_topic
 from tests.helpers import jpeg_bytes

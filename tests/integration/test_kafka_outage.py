@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.embedded import EmbeddedBroker
 from operators.detector import load_detector
 from operators.inference import Inferencer
 from operators.kafka_io import CheckedProducer, high_watermarks
@@ -24,6 +23,7 @@ from tests.fixtures.kafka import broker_subprocess, subprocess_env
 from tests.helpers import frame_headers, jpeg_bytes
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 from tests.integration.test_kafka_flow import run_flow
+from tools.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from operators.kafka_io import CheckedProducer, high_watermarks
-from operators.metrics import LagTracker
+from operators.telemetry.metrics import LagTracker
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from flows.pipeline_bench import free_ports
+from bench.pipeline import free_ports
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
 from tests.fixtures.otlp import OtlpServer
 from tests.integration.kafka_frames import assert_stored_once, fill_topic, stored

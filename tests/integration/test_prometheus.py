@@ -27,7 +27,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from operators.metrics import LagTracker, PipelineMetrics, start_metrics_server
+from operators.telemetry.metrics import LagTracker, PipelineMetrics, start_metrics_server
 from tests import metrics_data as data
 from tests.integration.metric_names import (
     RULE_FILES,

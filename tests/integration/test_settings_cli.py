@@ -14,6 +14,8 @@ from flows.settings import Settings
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
 from tests.unit.test_settings import BAD_VALUES, env_name
 
+pytestmark = pytest.mark.integration
+
 SECRET = "pl4nted-Cli-S3cret-51c0"
 # Every secret setting holds the planted secret, on every run of this module.
 SECRETS = {
@@ -147,11 +149,11 @@ BAD = {"STREAMSIGHT_BATCH_MAX_SIZE": "-1"}
 @pytest.mark.parametrize(
     ("argv", "extra"),
     [
-        (["-m", "flows.camera", "--brokers", "127.0.0.1:1", "--frames", "1"], {}),
+        (["-m", "tools.camera", "--brokers", "127.0.0.1:1", "--frames", "1"], {}),
         (["-m", "flows.processes"], {"STREAMSIGHT_BROKERS": "127.0.0.1:1"}),
-        (["-m", "flows.embedded"], {}),
-        (["-m", "flows.benchmark", "pipeline", "--quick"], {}),
-        (["-m", "flows.backlog_bench", "--frames", "1"], {}),
+        (["-m", "tools.embedded"], {}),
+        (["-m", "bench.pipeline", "--quick"], {}),
+        (["-m", "bench.backlog", "--frames", "1"], {}),
     ],
     ids=["camera", "processes", "embedded", "benchmark-pipeline", "backlog-bench"],
 )
@@ -164,7 +166,7 @@ def test_every_cli_that_reads_settings_prints_one_line(
 
 
 def test_camera_names_a_bad_flag_as_the_flag() -> None:
-    argv = [sys.executable, "-m", "flows.camera", "--brokers", "127.0.0.1:1"]
+    argv = [sys.executable, "-m", "tools.camera", "--brokers", "127.0.0.1:1"]
     code, output = run([*argv, "--sasl-mechanism", "MD5"], child_env(**SECRETS))
     assert code == 2
     assert_one_clean_line(code, output, "--sasl-mechanism")
@@ -177,9 +179,18 @@ def test_camera_names_a_bad_flag_as_the_flag() -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["-m", "flows.evaluate", "--input-size", "wide", "--frames", "1"],
-        ["-m", "flows.benchmark", "ceilings", "--device", "gpu"],
-        ["-m", "flows.traces", "--job-id", "j", "--jaeger", "http://127.0.0.1:1", "--timeout", "2"],
+        ["-m", "tools.evaluate", "--input-size", "wide", "--frames", "1"],
+        ["-m", "bench.ceilings", "--device", "gpu"],
+        [
+            "-m",
+            "tools.trace_report",
+            "--job-id",
+            "j",
+            "--jaeger",
+            "http://127.0.0.1:1",
+            "--timeout",
+            "2",
+        ],
     ],
     ids=["evaluate", "benchmark-ceilings", "traces"],
 )

@@ -14,17 +14,17 @@ from typing import Any
 
 import pytest
 
-from flows.camera import OutgoingFrame, publish, spread_partition, synthetic_frames
 from operators import contract
 from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.inference import Inferencer
 from operators.kafka_io import CheckedProducer
-from operators.tracing import Tracing, send_tracer, setup_tracing
+from operators.telemetry.tracing import Tracing, send_tracer, setup_tracing
 from tests.fixtures.kafka import read_topic, subprocess_env
 from tests.fixtures.otlp import OtlpServer, ReceivedSpan
 from tests.helpers import jpeg_bytes
 from tests.integration.test_kafka_flow import run_flow
+from tools.camera import OutgoingFrame, publish, spread_partition, synthetic_frames
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import simplejpeg
 
-from flows.camera import (
+from tools.camera import (
     Decimator,
     FrameQueue,
     LiveCapture,
@@ -235,7 +235,7 @@ def test_a_source_that_ends_is_reopened_and_each_outage_counted_once(
     stats = LiveStats()
     stop = threading.Event()
     arrivals: list[float] = []
-    with caplog.at_level("WARNING", logger="flows.camera"):
+    with caplog.at_level("WARNING", logger="tools.camera"):
         for frame, arrived in live_video_frames(source, stop=stop, stats=stats):
             assert (frame.width, frame.height) == (64, 48)
             arrivals.append(arrived)

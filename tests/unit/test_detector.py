@@ -11,8 +11,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flows.evaluate import held_out_frames, to_tensor
-from flows.train import build_targets
 from operators.detector import (
     DEFAULT_MAX_DETECTIONS,
     METADATA_FILE,
@@ -24,8 +22,10 @@ from operators.detector import (
     load_detector,
     save_weights,
 )
-from operators.evaluation import iou
-from operators.scene import CLASSES
+from tools.evaluate import held_out_frames, to_tensor
+from tools.evaluation import iou
+from tools.scene import CLASSES
+from tools.train import build_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 

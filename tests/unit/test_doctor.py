@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from operators.metrics import PipelineMetrics
+from operators.telemetry.metrics import PipelineMetrics
 from tests import metrics_data as data
 from tests.metrics_data import free_port
 from tests.unit.doctor_data import derive

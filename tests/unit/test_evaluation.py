@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from flows.evaluate import evaluate_model, held_out_frames
 from operators.detector import load_detector
-from operators.evaluation import (
+from operators.frames import Detection
+from tools.evaluate import evaluate_model, held_out_frames
+from tools.evaluation import (
     HELD_OUT_CAMERA_BASE,
     HELD_OUT_SEED_BASE,
     TRAIN_CAMERA_RANGE,
@@ -18,8 +19,7 @@ from operators.evaluation import (
     iou,
     prepare_rgb,
 )
-from operators.frames import Detection
-from operators.scene import GroundTruth
+from tools.scene import GroundTruth
 
 
 def gt(x1: float, y1: float, x2: float, y2: float, label: str = "car") -> GroundTruth:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from operators.gpu import DCGM_FIELDS, GpuSampler
+from operators.telemetry.gpu import DCGM_FIELDS, GpuSampler
 from tests.metrics_data import FakeNvml, FakeTorchCuda
 
 
@@ -67,7 +67,7 @@ def test_without_nvml_one_log_line_and_no_series(
 ) -> None:
     registry = CollectorRegistry()
     sampler = GpuSampler(registry=registry, nvml=fake, torch_cuda=False)
-    with caplog.at_level(logging.INFO, logger="operators.gpu"):
+    with caplog.at_level(logging.INFO, logger="operators.telemetry.gpu"):
         assert not sampler.start()
         assert sampler.sample() == []
     assert len(caplog.records) == 1

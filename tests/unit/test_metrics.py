@@ -14,7 +14,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from operators import dead_letters as dl
 from operators.batching import FLUSH_DEADLINE, FLUSH_REASONS, batch_logic_builder
-from operators.metrics import (
+from operators.telemetry.metrics import (
     DEAD_LETTER_STAGES,
     DEVICE_TYPES,
     OTHER,

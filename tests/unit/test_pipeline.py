@@ -21,9 +21,9 @@ from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.frames import DeadLetter, FrameBatch, FrameResult
 from operators.inference import Inferencer
-from operators.scene import encode_jpeg, render_frame
 from operators.workers import cores, threads_per_worker
 from tests.helpers import frame_headers
+from tools.scene import encode_jpeg, render_frame
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.pipeline_bench import GpuUtilisation
+from bench.pipeline import GpuUtilisation
 
 
 def test_gpu_utilisation_is_averaged_over_the_window_asked() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from operators.scene import (
+from tools.scene import (
     CLASSES,
     FRAME_SIZE,
     GroundTruth,

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from operators.sharded_metrics import ShardedCounter, ShardedHistogram
+from operators.telemetry.sharded_metrics import ShardedCounter, ShardedHistogram
 
 BUCKETS = (0.005, 0.01, 0.1, 1.0)
 VALUES = [0.0, 0.005, 0.0051, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 30.0]  # edges are inclusive

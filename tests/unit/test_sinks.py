@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry
 from operators import dead_letters as dl
 from operators import sinks
 from operators.frames import Detection, FrameMeta, FrameResult
-from operators.metrics import PipelineMetrics
 from operators.sinks import (
     DeadLetterSink,
     OutageLog,
@@ -24,6 +23,7 @@ from operators.sinks import (
 )
 from operators.stores import RowsRejected, StoreConnectionError, open_store
 from operators.tally import Tally
+from operators.telemetry.metrics import PipelineMetrics
 
 URL = "postgresql://app:PlantedSecret-4h1@db.example:5432/streamsight"
 UNAVAILABLE = "streamsight_sink_unavailable"

@@ -23,10 +23,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from flows.camera import OutgoingFrame
 from operators import dead_letters as dl
 from operators.frames import FrameBatch, FrameMeta, FrameResult, PreparedFrame, RawFrame
-from operators.span_export import (
+from operators.telemetry.span_export import (
     EncodedSpans,
     EncodingExporter,
     ExportProcess,
@@ -37,7 +36,7 @@ from operators.span_export import (
     sends_serialized,
     span_record,
 )
-from operators.tracing import (
+from operators.telemetry.tracing import (
     INFERRED,
     PREPARED,
     WRITTEN,
@@ -52,6 +51,7 @@ from operators.tracing import (
     write_tracer,
 )
 from tests.fixtures.otlp import OtlpServer
+from tools.camera import OutgoingFrame
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""`python -m flows.traces` against recorded Jaeger query API responses.
+"""`python -m tools.trace_report` against recorded Jaeger query API responses.
 
 No Jaeger binary can run here, so the responses are recorded from the project's own spans:
 the traced dataflow runs on Bytewax's TestingSource with an in-memory exporter, and the
@@ -26,16 +26,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from flows import traces
-from flows.camera import OutgoingFrame
 from flows.pipeline import build_flow
 from flows.settings import Settings
 from operators import contract
 from operators.detector import load_detector
 from operators.inference import Inferencer
-from operators.scene import encode_jpeg, render_frame
 from operators.sinks import DeadLetterSink, ResultSink
-from operators.tracing import send_tracer, setup_tracing, write_tracer
+from operators.telemetry.tracing import send_tracer, setup_tracing, write_tracer
+from tools import trace_report as traces
+from tools.camera import OutgoingFrame
+from tools.scene import encode_jpeg, render_frame
 
 JOB = "job-explore"
 

@@ -15,8 +15,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace.sampling import ParentBased
 
-from operators import tracing
-from operators.tracing import Tracing, setup_tracing
+from operators.telemetry import tracing
+from operators.telemetry.tracing import Tracing, setup_tracing
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +73,7 @@ def test_missing_collector_neither_hangs_nor_raises(monkeypatch: pytest.MonkeyPa
     traced = setup_tracing(flush_at_exit=False)
     hook = tracing.send_tracer(traced, "frames", "job")
     assert hook is not None
-    from flows.camera import OutgoingFrame
+    from tools.camera import OutgoingFrame
 
     for seq in range(50):
         hook(OutgoingFrame("cam-0", seq, b"", time.time() * 1000))
@@ -118,7 +118,7 @@ def test_exports_over_otlp_http(monkeypatch: pytest.MonkeyPatch, http_receiver) 
     traced = setup_tracing(flush_at_exit=False)
     hook = tracing.send_tracer(traced, "frames", "job-http")
     assert hook is not None
-    from flows.camera import OutgoingFrame
+    from tools.camera import OutgoingFrame
 
     carrier = hook(OutgoingFrame("cam-0", 7, b"", time.time() * 1000))
     assert carrier["traceparent"].startswith("00-") and "job.id=job-http" in carrier["baggage"]

@@ -1,6 +1,5 @@
-"""Benchmarks: `python -m flows.benchmark [ceilings] [--device auto] [--batch-sizes 1,8,16]`
-for the stage ceilings, `python -m flows.benchmark pipeline [--quick]` for the pipeline
-against the naive loop and the compute-bound ceiling (see `flows.pipeline_bench`).
+"""Stage ceilings: `python -m bench.ceilings [--device auto] [--batch-sizes 1,8,16]`
+(the pipeline against them: `python -m bench.pipeline`).
 
 Measures, on frames already in memory (no Kafka, no Bytewax): JPEG decode + resize per
 frame, the model alone per batch size, and decode + model together; prints a table and
@@ -23,11 +22,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flows.camera import synthetic_frames
 from flows.settings import is_device
 from operators.decode import FrameLimits, decode_pixels
 from operators.detector import load_detector
 from operators.inference import Inferencer
+from tools.camera import synthetic_frames
 
 
 def timed(work: Callable[[], object], *, min_seconds: float, device: torch.device) -> float:
@@ -134,16 +133,8 @@ def ceilings_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`ceilings` (the default) or `pipeline`."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "pipeline":
-        from flows.pipeline_bench import main as pipeline_main
-
-        pipeline_main(args[1:])
-        return
-    if args and args[0] == "ceilings":
-        args = args[1:]
-    ceilings_main(args)
+    """The stage ceilings, with the command line's arguments."""
+    ceilings_main(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The camera producer: publishes JPEG frames to Kafka, one message per frame.
 
 Key = camera id, value = JPEG, headers from `operators.contract.frame_headers`. Frames come
-from synthetic scenes (`operators.scene`), a video file (decoded with PyAV), a folder of
+from synthetic scenes (`tools.scene`), a video file (decoded with PyAV), a folder of
 images, or a live source that FFmpeg opens through PyAV (RTSP, HTTP, TCP or UDP stream, V4L2
 device). Every delivery report is checked: a lost frame ends the run with an error.
 
@@ -10,9 +10,9 @@ paced by the source, reopened with capped backoff when it drops or stalls, and w
 cannot keep up the oldest queued frames are dropped (and counted) rather than memory grown.
 Its capture time is each frame's wall-clock arrival at the producer.
 
-    python -m flows.camera --brokers HOST:PORT --cameras 4 --fps 15 --frames 300
-    python -m flows.camera --brokers HOST:PORT --source clip.mp4 --loop --fps 25
-    python -m flows.camera --brokers HOST:PORT --source rtsp://cam.local/stream --fps 10
+    python -m tools.camera --brokers HOST:PORT --cameras 4 --fps 15 --frames 300
+    python -m tools.camera --brokers HOST:PORT --source clip.mp4 --loop --fps 25
+    python -m tools.camera --brokers HOST:PORT --source rtsp://cam.local/stream --fps 10
 
 Library use (e.g. from a background thread): `synthetic_frames`, `file_frames` or
 `LiveCapture.ticks` make the ticks, `publish` sends them through a `CheckedProducer`.
@@ -136,11 +136,11 @@ def synthetic_frames(
 ) -> Iterator[list[OutgoingFrame]]:
     """Yield one list per tick, one frame per camera (`cam-0`, `cam-1`, ...).
 
-    Camera `cam-i` frame `seq` is `operators.scene.render_frame(i, seq, ...)`, so the
+    Camera `cam-i` frame `seq` is `tools.scene.render_frame(i, seq, ...)`, so the
     ground truth can be recomputed from (camera index, seq). `capture_time_ms` is stamped
     when the tick is taken. Unbounded when `frames_per_camera` is None.
     """
-    from operators.scene import encode_jpeg, render_frame
+    from tools.scene import encode_jpeg, render_frame
 
     if cameras < 1:
         raise ValueError("cameras must be at least 1")
@@ -800,7 +800,7 @@ def _default_job_id() -> str:
 
 def _parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m flows.camera",
+        prog="python -m tools.camera",
         description="Publish camera frames (JPEG) to Kafka with the streamsight headers. "
         "Kafka security comes from STREAMSIGHT_* settings; passwords only from the "
         "environment (STREAMSIGHT_SASL_PASSWORD, STREAMSIGHT_SSL_KEY_PASSWORD).",
@@ -1061,7 +1061,7 @@ def _run(
         sent = count
         progress(count)
 
-    from operators.tracing import send_tracer, setup_tracing
+    from operators.telemetry.tracing import send_tracer, setup_tracing
 
     tracing = setup_tracing("streamsight-camera")
     config = producer_config(settings, client_id=args.client_id)

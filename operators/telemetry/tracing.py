@@ -448,7 +448,7 @@ def setup_tracing(
         guarded = GuardedExporter(exporter)
         span_processor = processor(guarded)
     else:
-        from operators.span_export import ExportProcess
+        from operators.telemetry.span_export import ExportProcess
 
         span_processor = ExportProcess(resource, make_exporter)
     provider = TracerProvider(

@@ -49,7 +49,7 @@ from opentelemetry.trace import (
     SpanKind,
 )
 
-from operators.tracing import (
+from operators.telemetry.tracing import (
     BATCH_ID,
     BATCH_WAIT,
     CAMERA,
@@ -711,7 +711,7 @@ class ExportProcess(SpanProcessor):
             [
                 sys.executable,
                 "-c",
-                "from operators.span_export import export_main; export_main()",
+                "from operators.telemetry.span_export import export_main; export_main()",
                 str(stats_write),
             ],
             stdin=subprocess.PIPE,

@@ -15,7 +15,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from operators.scene import GroundTruth
+from tools.scene import GroundTruth
 
 TRAIN_SEED_RANGE = (1, 2**31)
 HELD_OUT_SEED_BASE = 2**31

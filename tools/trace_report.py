@@ -1,6 +1,6 @@
 """Explore a job's traces in Jaeger: per-stage latency, the slowest frames, the dominant stage.
 
-    python -m flows.traces --job-id shop-42 --jaeger http://localhost:16686
+    python -m tools.trace_report --job-id shop-42 --jaeger http://localhost:16686
 
 Fetches the traces whose spans carry `job.id` = JOB through Jaeger's HTTP query API
 (`/api/traces`), keeps the per-frame spans (`streamsight.span.scope=frame`) and prints,
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from operators.tracing import SCOPE_ATTR, STAGE, STAGES
+from operators.telemetry.tracing import SCOPE_ATTR, STAGE, STAGES
 
 SERVICE_PREFIX = "streamsight"
 STAGE_LABELS = {
@@ -213,7 +213,7 @@ def _share(result: Breakdown, stage: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; 0 on success, 1 when Jaeger cannot be queried."""
     parser = argparse.ArgumentParser(
-        prog="python -m flows.traces", description=__doc__.split("\n")[0]
+        prog="python -m tools.trace_report", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--job-id", required=True, help="job ID to look up")
     parser.add_argument("--jaeger", default="http://localhost:16686", help="Jaeger query URL")

@@ -26,17 +26,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.camera import camera_index, publish, spread_partition, synthetic_frames
-from flows.embedded import EmbeddedBroker
 from flows.settings import Settings
-from operators.evaluation import EvalReport, evaluate_detections
 from operators.kafka_io import CheckedProducer, producer_config
-from operators.scene import render_frame
 from operators.stores import detections_from_json, open_store, redact_url
 from operators.tally import Tally
-from operators.tracing import Tracing, send_tracer
+from operators.telemetry.tracing import Tracing, send_tracer
 from operators.workers import threads_per_worker, workers_per_process
+from tools.camera import camera_index, publish, spread_partition, synthetic_frames
 from tools.diagnosis import Readings, RegistrySample, diagnose, readings_between
+from tools.embedded import EmbeddedBroker
+from tools.evaluation import EvalReport, evaluate_detections
+from tools.scene import render_frame
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ handle, so that topics can be made with an exact partition count
 (`rd_kafka_mock_topic_create`) and brokers can be taken down and up for tests. It listens
 on loopback; clients in any process connect to `bootstrap` with plain TCP.
 
-Run `python -m flows.embedded [--partitions N] [--topic T ...]` to serve one until
+Run `python -m tools.embedded [--partitions N] [--topic T ...]` to serve one until
 SIGINT/SIGTERM; it prints `bootstrap=HOST:PORT[,...]` on one line when ready.
 """
 
@@ -222,7 +222,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     settings = load_settings()
     parser = argparse.ArgumentParser(
-        prog="python -m flows.embedded",
+        prog="python -m tools.embedded",
         description="Serve an in-memory Kafka-protocol broker on loopback until "
         "SIGINT/SIGTERM. Prints 'bootstrap=HOST:PORT' once ready.",
     )

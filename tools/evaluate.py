@@ -1,6 +1,6 @@
 """Evaluate a detector on held-out synthetic frames.
 
-`python -m flows.evaluate [--model PATH] [--frames N] [--seed S]` renders frames from
+`python -m tools.evaluate [--model PATH] [--frames N] [--seed S]` renders frames from
 cameras and seeds never used in training, round-trips them through JPEG, applies the
 pipeline's preprocessing (decode, bilinear resize to the model input, / 255), runs the model
 in batches, maps the boxes back to frame pixels and prints mAP@0.5, per-class AP, precision
@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from operators.detector import LoadedDetector, load_detector
-from operators.evaluation import (
+from operators.frames import Detection
+from tools.evaluation import (
     HELD_OUT_CAMERA_BASE,
     HELD_OUT_SEED_BASE,
     EvalReport,
     evaluate_detections,
     prepare_jpeg,
 )
-from operators.frames import Detection
-from operators.scene import FRAME_SIZE, GroundTruth, encode_jpeg, render_frame
+from tools.scene import FRAME_SIZE, GroundTruth, encode_jpeg, render_frame
 
 HELD_OUT_CAMERAS = 40
 SCORE_THRESHOLD = 0.35

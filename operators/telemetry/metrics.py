@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 from operators.batching import FLUSH_REASONS
 from operators.dead_letters import INTERNAL_ERROR, REASONS
 from operators.frames import DeadLetter, FrameBatch, FrameMeta, FrameResult, PreparedFrame
-from operators.sharded_metrics import ShardedCounter, ShardedHistogram
+from operators.telemetry.sharded_metrics import ShardedCounter, ShardedHistogram
 
 log = logging.getLogger(__name__)
 

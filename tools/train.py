@@ -1,6 +1,6 @@
 """Train the built-in detector on freshly rendered synthetic scenes.
 
-`python -m flows.train [--minutes M] [--out PATH] [--seed S]` renders random training
+`python -m tools.train [--minutes M] [--out PATH] [--seed S]` renders random training
 cameras at random frame sizes around 320x240, degrades them (lighting, blur, noise), round
 trips them through JPEG at a random quality (40-95), resizes them to the model input the way
 the pipeline does, and trains the CenterNet-style TinyDet within the time budget. It prints
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flows.evaluate import evaluate_with_timing, format_report
 from operators.detector import (
     DEFAULT_INPUT_SIZE,
     DEFAULT_NAME,
@@ -32,8 +31,9 @@ from operators.detector import (
     load_detector,
     save_weights,
 )
-from operators.evaluation import TRAIN_CAMERA_RANGE, TRAIN_SEED_RANGE, prepare_jpeg
-from operators.scene import CLASSES, FRAME_SIZE, degrade, encode_jpeg, render_frame
+from tools.evaluate import evaluate_with_timing, format_report
+from tools.evaluation import TRAIN_CAMERA_RANGE, TRAIN_SEED_RANGE, prepare_jpeg
+from tools.scene import CLASSES, FRAME_SIZE, degrade, encode_jpeg, render_frame
 
 FRAMES_PER_CAMERA = 4
 MIN_SIGMA = 0.4

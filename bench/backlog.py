@@ -1,7 +1,7 @@
 """Peak memory of the dataflow after N frames through a bounded backlog:
-`python -m flows.backlog_bench [--frames N ...] [--backlog B]`.
+`python -m bench.backlog [--frames N ...] [--backlog B]`.
 
-For each frame count, a `python -m flows.embedded` process serves the topics and a fresh
+For each frame count, a `python -m tools.embedded` process serves the topics and a fresh
 child process (`--run-flow`) runs the dataflow, while this process keeps the input topic
 topped up so that about `backlog` frames wait unwritten until it has published them all.
 It then hands the input's end offsets to the child (a JSON file in the run's folder); the
@@ -40,10 +40,10 @@ from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
-from flows.camera import OutgoingFrame, camera_id, publish, synthetic_frames
 from flows.settings import Settings, settings_or_exit
 from operators.frames import FrameResult
 from operators.kafka_io import CheckedProducer, client_config, producer_config
+from tools.camera import OutgoingFrame, camera_id, publish, synthetic_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
@@ -89,9 +89,9 @@ def peak_rss_kib() -> int:
 
 @contextmanager
 def broker(names: Sequence[str], stderr_path: Path) -> Iterator[str]:
-    """Serve `python -m flows.embedded` with topics `names` (PARTITIONS partitions each);
+    """Serve `python -m tools.embedded` with topics `names` (PARTITIONS partitions each);
     yield its bootstrap; stop it on exit. Its stderr goes to `stderr_path`."""
-    args = [sys.executable, "-m", "flows.embedded", "--partitions", str(PARTITIONS)]
+    args = [sys.executable, "-m", "tools.embedded", "--partitions", str(PARTITIONS)]
     for name in names:
         args += ["--topic", name]
     with stderr_path.open("w") as stderr:
@@ -309,7 +309,7 @@ def _streamed_run(
     rundir.mkdir()
     timeout_s = max(MIN_FLOW_TIMEOUT_S, count * FLOW_TIMEOUT_S_PER_FRAME)
     with broker(topics(name), rundir / "broker.txt") as bootstrap:
-        args = [sys.executable, "-m", "flows.backlog_bench", "--run-flow"]
+        args = [sys.executable, "-m", "bench.backlog", "--run-flow"]
         args += ["--bootstrap", bootstrap, "--topic", name, "--workdir", str(rundir)]
         stdout_path, stderr_path = rundir / "flow.json", rundir / "flow.txt"
         with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure (or, with `--run-flow`, be one run's dataflow process); print the result as
     one JSON line on stdout (and, when measuring, a table on stderr) and return it."""
     parser = argparse.ArgumentParser(
-        prog="python -m flows.backlog_bench", description=__doc__.splitlines()[0]
+        prog="python -m bench.backlog", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--frames", type=int, action="append", help="frames; repeatable")
     parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help="frames waiting")

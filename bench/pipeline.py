@@ -1,4 +1,4 @@
-"""The pipeline benchmark: `python -m flows.benchmark pipeline [--quick] [--out DIR]`.
+"""The pipeline benchmark: `python -m bench.pipeline [--quick] [--out DIR]`.
 
 On the embedded broker, with synthetic frames rendered once and re-published, it measures
 the dataflow at saturation (a topic filled before the flow starts) and at paced offered
@@ -38,9 +38,8 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
-from flows.backlog_bench import peak_rss_kib, streamed_rss
-from flows.camera import OutgoingFrame, camera_id, publish, synthetic_frames
-from flows.embedded import EmbeddedBroker
+from bench.backlog import peak_rss_kib, streamed_rss
+from bench.ceilings import stage_ceilings
 from flows.pipeline import build_flow
 from flows.settings import Settings, settings_or_exit
 from operators.decode import FrameLimits, decode_pixels
@@ -49,11 +48,13 @@ from operators.frames import FrameResult
 from operators.inference import Inferencer
 from operators.ingest import frame_source
 from operators.kafka_io import CheckedProducer, client_config, producer_config
-from operators.metrics import PipelineMetrics
 from operators.sinks import DeadLetterSink, ResultSink
-from operators.span_export import EncodingExporter
-from operators.tracing import Tracing, setup_tracing, write_tracer
+from operators.telemetry.metrics import PipelineMetrics
+from operators.telemetry.span_export import EncodingExporter
+from operators.telemetry.tracing import Tracing, setup_tracing, write_tracer
 from operators.workers import freeze_startup_heap, keep_freed_memory, threads_per_worker
+from tools.camera import OutgoingFrame, camera_id, publish, synthetic_frames
+from tools.embedded import EmbeddedBroker
 
 TARGETS = {
     "pipeline_over_ceiling": 0.85,
@@ -441,7 +442,7 @@ class Bench:
             [
                 sys.executable,
                 "-c",
-                "from flows.pipeline_bench import publish_main; publish_main()",
+                "from bench.pipeline import publish_main; publish_main()",
                 str(jpegs),
                 self.bootstrap,
                 topic,
@@ -825,7 +826,7 @@ def _start_member(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
             [
                 sys.executable,
                 "-c",
-                "from flows.pipeline_bench import member_main; member_main()",
+                "from bench.pipeline import member_main; member_main()",
                 json.dumps(spec),
             ],
             stdout=log,
@@ -959,8 +960,6 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
         "spread": round(_spread(ceiling_runs), 3),
     }
     log("stage ceilings")
-    from flows.benchmark import stage_ceilings
-
     stages = stage_ceilings(
         bench.inferencer,
         bench.jpegs,
@@ -1409,3 +1408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             naive_frames=max(plan.naive_frames, args.frames // 4),
         )
     return run(plan, args.out, Console(stderr=True), args.model_scale, args.workers, args.layout)
+
+
+if __name__ == "__main__":
+    main()

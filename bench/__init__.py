@@ -1,0 +1,1 @@
+"""Benchmarks of the pipeline, its stages and its backlog behaviour."""

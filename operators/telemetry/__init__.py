@@ -1,0 +1,2 @@
+"""Telemetry: per-frame traces, Prometheus metrics and GPU sampling, applied where the flow
+is wired, outside the stages' own logic."""
