@@ -3,12 +3,12 @@ StatefulSet pod's init container does: `python -m flows.cluster`.
 
 It writes the hostfile `bytewax.run` reads from `BYTEWAX_HOSTFILE_PATH` (one `host:port`
 line per process, in process-id order) and, on process 0 only, initialises the recovery
-partitions when its recovery directory has none. Every other process starts with an
-empty directory: Bytewax needs the cluster as a whole to hold each partition once, and a
-process may hold none (see `flows.recovery`).
+partitions in `BYTEWAX_RECOVERY_DIRECTORY` when it has none. Every other process starts
+with an empty directory: Bytewax needs the cluster as a whole to hold each partition
+once, and a process may hold none (see `flows.recovery`).
 
 Process ids come from the pod name the way `bytewax.run` derives them: `BYTEWAX_POD_NAME`
-minus `BYTEWAX_STATEFULSET_NAME-`.
+minus `BYTEWAX_STATEFULSET_NAME-` (`operators.workers.pod_process_id`).
 """
 
 from __future__ import annotations
@@ -19,19 +19,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.recovery import ensure_initialised
+from flows.recovery import prepare_directory
+from operators.workers import RECOVERY_DIRECTORY_ENV, pod_process_id, run_options
 
 DEFAULT_PORT = 2101
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
-
-
-def ordinal(pod_name: str, statefulset: str) -> int:
-    """The process id of pod `pod_name` of StatefulSet `statefulset` (`name-3` -> 3)."""
-    prefix = statefulset + "-"
-    suffix = pod_name.removeprefix(prefix)
-    if not pod_name.startswith(prefix) or not suffix.isdigit():
-        raise ValueError(f"pod {pod_name!r} is not a pod of StatefulSet {statefulset!r}")
-    return int(suffix)
 
 
 def peer_addresses(
@@ -69,19 +61,6 @@ def write_hostfile(path: Path, addresses: Sequence[str]) -> None:
     path.write_text("".join(f"{address}\n" for address in addresses))
 
 
-def prepare_recovery(directory: Path, process: int, partitions: int) -> int:
-    """Make `directory` ready for process `process`; return how many partitions it holds.
-
-    Process 0 creates all `partitions` when the directory has none; the others only make
-    sure the directory exists (they may hold partitions moved there by an operator).
-    """
-    if process == 0:
-        ensure_initialised(directory, partitions)
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-    return len(list(directory.glob("part-*.sqlite3")))
-
-
 def _env_int(name: str, default: int | None = None) -> int | None:
     """The whole number in environment variable `name`; one error line and exit 2 if not."""
     value = os.environ.get(name, "").strip()
@@ -94,6 +73,10 @@ def _env_int(name: str, default: int | None = None) -> int | None:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     env = os.environ
+    try:
+        recovery_dir = run_options([], env).recovery_directory
+    except ValueError as exc:
+        raise SystemExit(f"streamsight: {exc}") from None
     parser = argparse.ArgumentParser(
         prog="python -m flows.cluster",
         description="Write the peers hostfile and set up the recovery directory of one "
@@ -122,7 +105,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--hostfile", type=Path, default=env.get("BYTEWAX_HOSTFILE_PATH"), required=False
     )
-    parser.add_argument("--recovery-dir", type=Path, default=env.get("STREAMSIGHT_RECOVERY_DIR"))
+    parser.add_argument(
+        "--recovery-dir",
+        type=Path,
+        default=recovery_dir,
+        help=f"this pod's recovery directory (default: {RECOVERY_DIRECTORY_ENV})",
+    )
     parser.add_argument(
         "--partitions",
         type=int,
@@ -137,7 +125,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             ("--statefulset/BYTEWAX_STATEFULSET_NAME", args.statefulset),
             ("--replicas/STREAMSIGHT_REPLICAS", args.replicas),
             ("--hostfile/BYTEWAX_HOSTFILE_PATH", args.hostfile),
-            ("--recovery-dir/STREAMSIGHT_RECOVERY_DIR", args.recovery_dir),
+            (f"--recovery-dir/{RECOVERY_DIRECTORY_ENV}", args.recovery_dir),
         )
         if value is None
     ]
@@ -149,13 +137,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare this pod; exit non-zero when it does not belong to the configured cluster."""
     args = _parse_args(argv)
-    process = ordinal(args.pod_name, args.statefulset)
-    if process >= args.replicas:
-        print(
-            f"error: {args.pod_name} is process {process}, but STREAMSIGHT_REPLICAS is "
-            f"{args.replicas}: set it to the StatefulSet's replica count",
-            file=sys.stderr,
-        )
+    try:
+        process = pod_process_id(args.pod_name, args.statefulset)
+        if process >= args.replicas:
+            raise ValueError(
+                f"{args.pod_name} is process {process}, but STREAMSIGHT_REPLICAS is "
+                f"{args.replicas}: set it to the StatefulSet's replica count"
+            )
+        held = prepare_directory(args.recovery_dir, process, args.partitions)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     addresses = peer_addresses(
         args.statefulset,
@@ -167,7 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hosts=args.hosts.split(",") if args.hosts else None,
     )
     write_hostfile(args.hostfile, addresses)
-    held = prepare_recovery(args.recovery_dir, process, args.partitions)
     print(
         f"process {process} of {args.replicas}: hostfile {args.hostfile}, "
         f"{held} recovery partitions in {args.recovery_dir}"

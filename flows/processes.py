@@ -8,10 +8,12 @@ supervises them.
 
 Process `i` gets its own ports and directories: peers on `--peer-port` + i, metrics on
 `STREAMSIGHT_METRICS_PORT` + i, Bytewax's API on `BYTEWAX_DATAFLOW_API_PORT` (3030) + i,
-recovery in `STREAMSIGHT_RECOVERY_DIR`/process-i (process 0 holds every partition,
-as a StatefulSet's pod 0 does), and `STREAMSIGHT_CPU_THREADS` = cores / (N x W) unless
-set. SIGTERM and SIGINT are passed on to every child; when one child fails, the others
-are stopped and the launcher exits with the failed child's code.
+and `STREAMSIGHT_CPU_THREADS` = cores / (N x W) unless set. Recovery is Bytewax's, from
+the launcher's `BYTEWAX_RECOVERY_DIRECTORY`, `BYTEWAX_SNAPSHOT_INTERVAL` and
+`BYTEWAX_RECOVERY_BACKUP_INTERVAL`: process i gets `-r <directory>/process-i -s .. -b ..`
+(process 0 holds every partition, as a StatefulSet's pod 0 does). SIGTERM and SIGINT
+are passed on to every child; when one child fails, the others are stopped and the
+launcher exits with the failed child's code.
 
 Real Kafka only: the embedded demo broker lives inside a single process.
 """
@@ -28,13 +30,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from flows.cluster import DEFAULT_PORT, prepare_recovery
+from flows.cluster import DEFAULT_PORT
+from flows.recovery import prepare_directory
 from flows.settings import Settings, settings_or_exit
-from operators.workers import cores, threads_per_worker
+from operators.workers import RECOVERY_ENV, RunOptions, cores, run_options, threads_per_worker
 
 DEFAULT_API_PORT = 3030
 """Bytewax's dataflow API port when `BYTEWAX_DATAFLOW_API_PORT` is unset."""
@@ -53,7 +56,9 @@ class Layout:
     peer_port: int = DEFAULT_PORT
     metrics_port: int = 9464
     api_port: int = DEFAULT_API_PORT
-    recovery_dir: Path = Path(".streamsight/recovery")
+    recovery_options: RunOptions = field(default_factory=RunOptions)
+    """`bytewax.run`'s recovery options, from the launcher's environment; each process
+    gets a subdirectory of their directory."""
     cpu_threads: int = 0
     """The user's STREAMSIGHT_CPU_THREADS; 0 splits the cores among all workers."""
     cores: int = 1
@@ -66,26 +71,28 @@ class Layout:
         """The model's CPU threads per worker."""
         return threads_per_worker(self.processes * self.workers, self.cpu_threads, self.cores)
 
-    def recovery(self, index: int) -> Path:
-        """The recovery directory of process `index`."""
-        return self.recovery_dir / f"process-{index}"
+    def recovery(self, index: int) -> Path | None:
+        """The recovery directory of process `index`; None when recovery is off."""
+        base = self.recovery_options.recovery_directory
+        return None if base is None else base / f"process-{index}"
 
     def argv(self, index: int, python: str = sys.executable) -> list[str]:
-        """The command line of process `index`."""
+        """The command line of process `index`, its recovery flags included."""
         return [
             python, "-m", "bytewax.run", FLOW,
             "-w", str(self.workers),
             "-i", str(index),
             "-a", ";".join(self.addresses()),
+            *self.recovery_options.recovery_flags(self.recovery(index)),
         ]  # fmt: skip
 
     def environment(self, index: int, environ: Mapping[str, str]) -> dict[str, str]:
-        """The environment of process `index`: `environ` with its own ports, recovery
-        directory and model threads."""
-        env = dict(environ)
+        """The environment of process `index`: `environ` with its own ports and model
+        threads, without the recovery variables (its flags say them, with its own
+        directory)."""
+        env = {name: value for name, value in environ.items() if name not in RECOVERY_ENV}
         env["STREAMSIGHT_METRICS_PORT"] = str(self.metrics_port + index)
         env["BYTEWAX_DATAFLOW_API_PORT"] = str(self.api_port + index)
-        env["STREAMSIGHT_RECOVERY_DIR"] = str(self.recovery(index))
         env["STREAMSIGHT_CPU_THREADS"] = str(self.model_threads())
         return env
 
@@ -102,7 +109,7 @@ class Layout:
         ):
             if not 1 <= base <= 65536 - self.processes:
                 return f"{name} ports {base}..{base + self.processes - 1} are not valid ports"
-        return None
+        return self.recovery_options.recovery_problem()
 
 
 def layout_for(
@@ -114,7 +121,8 @@ def layout_for(
     cores: int,
 ) -> Layout:
     """The layout the options, settings and environment ask for (ValueError on a
-    `BYTEWAX_DATAFLOW_API_PORT` that is not a number)."""
+    `BYTEWAX_DATAFLOW_API_PORT` that is not a number, or `BYTEWAX_*` variables that
+    `bytewax.run` would refuse)."""
     api_port = environ.get("BYTEWAX_DATAFLOW_API_PORT", "").strip() or str(DEFAULT_API_PORT)
     if not api_port.isdigit():
         raise ValueError(f"BYTEWAX_DATAFLOW_API_PORT={api_port!r} is not a port number")
@@ -124,24 +132,19 @@ def layout_for(
         peer_port=peer_port,
         metrics_port=settings.metrics_port,
         api_port=int(api_port),
-        recovery_dir=Path(settings.recovery_dir),
+        recovery_options=run_options([], environ),
         cpu_threads=settings.cpu_threads,
         cores=cores,
     )
 
 
-def refusal(settings: Settings, environ: Mapping[str, str]) -> str | None:
+def refusal(settings: Settings) -> str | None:
     """Why the launcher must not start with these settings, or None."""
     if settings.embedded:
         return (
             "STREAMSIGHT_BROKERS is unset: the embedded demo broker runs in one process; "
             "run `python -m bytewax.run flows.video` for the demo, or point "
             "STREAMSIGHT_BROKERS at Kafka"
-        )
-    if environ.get("BYTEWAX_RECOVERY_DIRECTORY"):
-        return (
-            "BYTEWAX_RECOVERY_DIRECTORY would be shared by every process: unset it and set "
-            "STREAMSIGHT_RECOVERY_DIR (each process gets its own subdirectory)"
         )
     return None
 
@@ -249,12 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    problem = refusal(settings, os.environ) or layout.problem()
+    problem = refusal(settings) or layout.problem()
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
-    moved = adopt_single_process_partitions(layout.recovery_dir)
+    base = layout.recovery_options.recovery_directory
+    moved = adopt_single_process_partitions(base) if base is not None else 0
     if moved:
         print(
             f"streamsight: moved {moved} recovery files of a single process into "
@@ -264,7 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     children: list[subprocess.Popen[bytes]] = []
     try:
         for index in range(layout.processes):
-            held = prepare_recovery(layout.recovery(index), index, settings.recovery_partitions)
+            directory = layout.recovery(index)
+            recovery = "recovery off"
+            if directory is not None:
+                held = prepare_directory(directory, index, settings.recovery_partitions)
+                recovery = f"recovery {directory} ({held} partitions)"
             child = subprocess.Popen(
                 layout.argv(index),
                 env=layout.environment(index, os.environ),
@@ -277,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{child.pid}): peer {layout.addresses()[index]}, metrics :"
                 f"{layout.metrics_port + index}, Bytewax API :{layout.api_port + index}, "
                 f"{layout.workers} worker(s) x {layout.model_threads()} model thread(s), "
-                f"recovery {layout.recovery(index)} ({held} partitions)",
+                f"{recovery}",
                 file=sys.stderr,
                 flush=True,
             )

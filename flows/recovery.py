@@ -1,62 +1,51 @@
-"""Recovery for real Kafka: the flow resumes from its last snapshot after a restart.
+"""Recovery: after a restart the flow resumes from its last snapshot.
 
-`python -m bytewax.run flows.video` turns recovery on only with `-r DIR`. Against real
-Kafka streamsight turns it on itself: it initialises `STREAMSIGHT_RECOVERY_DIR` (once)
-and, when `bytewax.run` was started without `-r`, hands it that directory and the
-snapshot interval. An explicit `-r`/`-s` (or `BYTEWAX_RECOVERY_DIRECTORY`) always wins;
-a directory named that way is initialised too if it is empty.
+Recovery is Bytewax's own, turned on by `bytewax.run`'s flags or their variables:
+`python -m bytewax.run flows.video -r DIR -s SECS -b SECS`, or
+`BYTEWAX_RECOVERY_DIRECTORY`, `BYTEWAX_SNAPSHOT_INTERVAL` and
+`BYTEWAX_RECOVERY_BACKUP_INTERVAL` (the image, docker compose and Kubernetes set them).
+Before `bytewax.run` opens the directory, `set_up_recovery` adds what Bytewax leaves to
+its user:
 
-In a multi-process cluster only process 0 initialises an empty directory. Bytewax needs
-the cluster as a whole to hold every recovery partition exactly once; a process need not
-hold any. If every process created its own set, the same partition would exist several
-times with different contents, and a resume (above all a rescaled one) could read a stale
-copy.
+- an empty directory gets its `STREAMSIGHT_RECOVERY_PARTITIONS` partitions (what
+  `python -m bytewax.recovery DIR N` does), by process 0 only in a multi-process
+  cluster: Bytewax needs the cluster as a whole to hold every partition exactly once, and
+  a process need not hold any. If every process created its own set, the same partition
+  would exist several times with different contents, and a resume (above all a rescaled
+  one) could read a stale copy;
+- with real Kafka and recovery off, one warning line: a restart reads the input topic
+  again from its start;
+- with the embedded demo broker, recovery is refused: that broker starts empty at every
+  run, so a snapshot's offsets would skip the new run's frames.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.recovery import init_db_dir
+
+from operators.workers import (
+    BACKUP_INTERVAL_ENV,
+    RECOVERY_DIRECTORY_ENV,
+    SNAPSHOT_INTERVAL_ENV,
+    RunOptions,
+)
 
 log = logging.getLogger(__name__)
 
-
-def requested_directory(argv: Sequence[str], environ: dict[str, str]) -> str | None:
-    """The recovery directory given to `bytewax.run` on its command line or environment."""
-    for index, arg in enumerate(argv):
-        if arg in ("-r", "--recovery-directory") and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--recovery-directory="):
-            return arg.split("=", 1)[1]
-        if arg.startswith("-r") and len(arg) > 2:
-            return arg[2:]
-    return environ.get("BYTEWAX_RECOVERY_DIRECTORY")
-
-
-def process_id(argv: Sequence[str], environ: dict[str, str]) -> int | None:
-    """This process's id in a `bytewax.run` cluster, found the way `bytewax.run` finds it
-    (`-i`, `BYTEWAX_PROCESS_ID`, or `BYTEWAX_POD_NAME` minus `BYTEWAX_STATEFULSET_NAME-`);
-    None for a single process."""
-    for index, arg in enumerate(argv):
-        if arg in ("-i", "--process-id") and index + 1 < len(argv):
-            return int(argv[index + 1])
-        if arg.startswith("--process-id="):
-            return int(arg.split("=", 1)[1])
-        if arg.startswith("-i") and len(arg) > 2 and arg[2:].isdigit():
-            return int(arg[2:])
-    if environ.get("BYTEWAX_PROCESS_ID"):
-        return int(environ["BYTEWAX_PROCESS_ID"])
-    pod, statefulset = environ.get("BYTEWAX_POD_NAME"), environ.get("BYTEWAX_STATEFULSET_NAME")
-    if pod and statefulset:
-        return int(pod.replace(statefulset + "-", ""))
-    return None
+HOW_TO_TURN_ON = (
+    f"{RECOVERY_DIRECTORY_ENV}=DIR {SNAPSHOT_INTERVAL_ENV}=SECONDS {BACKUP_INTERVAL_ENV}=0 "
+    "(or bytewax.run flows.video -r DIR -s SECONDS -b 0)"
+)
+RETIRED = {
+    "STREAMSIGHT_RECOVERY_DIR": RECOVERY_DIRECTORY_ENV,
+    "STREAMSIGHT_SNAPSHOT_INTERVAL_S": SNAPSHOT_INTERVAL_ENV,
+}
+"""Variables earlier versions read, and the `bytewax.run` variables that replace them."""
 
 
 def ensure_initialised(directory: Path, partitions: int) -> bool:
@@ -68,41 +57,58 @@ def ensure_initialised(directory: Path, partitions: int) -> bool:
     return True
 
 
-def with_recovery(
-    cli_main: Callable[..., Any], directory: Path, snapshot_interval: timedelta
-) -> Callable[..., Any]:
-    """Wrap `bytewax.run`'s `cli_main` so a run without a recovery config gets one."""
+def prepare_directory(directory: Path, process: int | None, partitions: int) -> int:
+    """Make `directory` ready for process `process` (None: a single process); return how
+    many partitions it holds.
 
-    def cli_main_with_recovery(flow: Any, **kwargs: Any) -> Any:
-        if kwargs.get("recovery_config") is None:
-            kwargs["recovery_config"] = RecoveryConfig(str(directory))
-            kwargs["epoch_interval"] = snapshot_interval
-        return cli_main(flow, **kwargs)
-
-    return cli_main_with_recovery
-
-
-def enable_recovery(directory: str, partitions: int, snapshot_interval_s: float) -> Path:
-    """Turn recovery on for this `bytewax.run` process; returns the directory in use."""
-    explicit = requested_directory(sys.argv, dict(os.environ))
-    path = Path(explicit or directory)
-    process = process_id(sys.argv, dict(os.environ))
+    A single process and process 0 create all `partitions` when the directory has none;
+    the others only make sure it exists (they may hold partitions moved there by an
+    operator). ValueError when `directory` exists and is not a folder."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{RECOVERY_DIRECTORY_ENV}: {directory} exists and is not a folder")
     if not process:
-        if ensure_initialised(path, partitions):
-            log.info("initialised %d recovery partitions in %s", partitions, path)
+        ensure_initialised(directory, partitions)
     else:
-        # Partitions are created by process 0 only; this one uses those it was given.
-        path.mkdir(parents=True, exist_ok=True)
-        held = len(list(path.glob("part-*.sqlite3")))
-        log.info("process %d holds %d recovery partitions in %s", process, held, path)
-    runner = sys.modules.get("__main__")
-    spec = getattr(runner, "__spec__", None)
-    if explicit is None and spec is not None and spec.name == "bytewax.run":
-        runner.cli_main = with_recovery(  # type: ignore[union-attr]
-            runner.cli_main,  # type: ignore[union-attr]
-            path,
-            timedelta(seconds=snapshot_interval_s),
+        directory.mkdir(parents=True, exist_ok=True)
+    return len(list(directory.glob("part-*.sqlite3")))
+
+
+def off_warning(environ: Mapping[str, str]) -> str:
+    """The one line said when real Kafka runs without recovery."""
+    line = (
+        "recovery is off: after a restart the flow reads the input topic again from its "
+        f"start; turn it on with {HOW_TO_TURN_ON}"
+    )
+    retired = [f"{old} (now {new})" for old, new in RETIRED.items() if environ.get(old)]
+    if retired:
+        line += "; no longer read: " + ", ".join(retired)
+    return line
+
+
+def set_up_recovery(
+    options: RunOptions,
+    partitions: int,
+    *,
+    embedded: bool,
+    environ: Mapping[str, str] | None = None,
+) -> Path | None:
+    """Get recovery ready for this `bytewax.run` process, from its `options`; returns the
+    directory in use, or None when recovery is off. ValueError when recovery is asked
+    for with the embedded broker, or its directory is not a folder."""
+    environ = os.environ if environ is None else environ
+    directory = options.recovery_directory
+    if directory is None:
+        if not embedded and not options.process_id:  # said once, by process 0
+            log.warning(off_warning(environ))
+        return None
+    if embedded:
+        raise ValueError(
+            f"recovery is on ({RECOVERY_DIRECTORY_ENV} or -r), but the embedded demo broker "
+            "starts empty at every run and a snapshot would skip its frames: run the demo "
+            f"without it (env -u {RECOVERY_DIRECTORY_ENV} python -m bytewax.run flows.video)"
         )
-    elif explicit is None:
-        log.warning("not started by bytewax.run: recovery left to the caller")
-    return path
+    held = prepare_directory(directory, options.process_id, partitions)
+    log.info(
+        "process %d holds %d recovery partitions in %s", options.process_id or 0, held, directory
+    )
+    return directory

@@ -67,7 +67,6 @@ FORMS: dict[str, str] = {
     "model_classes": "comma-separated class names, e.g. person,car",
     "device": "auto, cpu, cuda or cuda:N",
     "sink": "sqlite:///PATH or postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE",
-    "recovery_dir": "the path of a folder",
     "metrics_addr": "an IP address or host name to bind, e.g. 0.0.0.0",
     "demo_job_id": f"1 to {MAX_ID_LENGTH} printable characters without /",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
@@ -211,15 +210,12 @@ class Settings(BaseSettings):
         " before the flow exits",
     )
 
-    # Recovery (real Kafka only)
-    recovery_dir: str = Field(
-        default=".streamsight/recovery", description="Bytewax recovery partitions directory"
-    )
+    # Recovery is Bytewax's own (BYTEWAX_RECOVERY_DIRECTORY, see flows/recovery.py).
     recovery_partitions: int = Field(
-        default=8, ge=1, description="recovery partitions (at least the maximum worker count)"
-    )
-    snapshot_interval_s: float = Field(
-        default=5.0, gt=0, description="seconds between recovery snapshots"
+        default=8,
+        ge=1,
+        description="partitions an empty recovery directory gets (at least the maximum"
+        " worker count)",
     )
 
     # Metrics
@@ -320,13 +316,6 @@ class Settings(BaseSettings):
     @classmethod
     def _sink_form(cls, value: str) -> str:
         return _check_sink(value)
-
-    @field_validator("recovery_dir")
-    @classmethod
-    def _recovery_folder(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("is empty")
-        return value
 
     @field_validator("metrics_addr")
     @classmethod
@@ -492,9 +481,6 @@ def path_problems(settings: Settings) -> dict[str, str]:
         path = getattr(settings, field)
         if path is not None and not _readable(Path(path)):
             found[field] = "no such readable file"
-    recovery = Path(settings.recovery_dir)
-    if recovery.exists() and not recovery.is_dir():
-        found["recovery_dir"] = "exists and is not a folder"
     return found
 
 

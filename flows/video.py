@@ -2,7 +2,9 @@
 
 With no `STREAMSIGHT_BROKERS` it runs the demo on the embedded broker and exits when the
 demo input is processed; with brokers it tails the input topic of a real Kafka cluster,
-with recovery on. Wiring only: settings -> stages -> `flow`.
+resuming from Bytewax's recovery snapshots when `bytewax.run` is given them (`-r`/`-s`/`-b`
+or `BYTEWAX_RECOVERY_DIRECTORY`...; see `flows.recovery`). Wiring only: settings -> stages
+-> `flow`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 from bytewax.outputs import DynamicSink
 
 from flows.pipeline import build_flow
-from flows.recovery import enable_recovery
+from flows.recovery import set_up_recovery
 from flows.settings import load_settings, parse_size
 from operators.frames import DeadLetter, FrameResult
 from operators.inference import shared_inferencer
@@ -39,6 +41,7 @@ from operators.telemetry.tracing import setup_tracing, write_tracer
 from operators.workers import (
     freeze_startup_heap,
     keep_freed_memory,
+    run_options,
     threads_per_worker,
     workers_per_process,
 )
@@ -83,10 +86,11 @@ else:
         )
     except KafkaUnavailable as exc:
         raise SystemExit(f"streamsight: {exc}") from None
-    enable_recovery(
-        settings.recovery_dir, settings.recovery_partitions, settings.snapshot_interval_s
-    )
     bootstrap = settings.brokers or ""
+try:  # bytewax.run has read its recovery flags; it opens the directory after this import
+    set_up_recovery(run_options(), settings.recovery_partitions, embedded=settings.embedded)
+except ValueError as exc:
+    raise SystemExit(f"streamsight: {exc}") from None
 
 metrics: PipelineMetrics | None = None
 if settings.metrics_enabled:

@@ -10,6 +10,8 @@ interpreter lock every worker shares, from walking the objects of start-up, and
 `keep_freed_memory` keeps glibc's malloc from handing the forward passes' buffers back to
 the kernel after every batch. `threads_per_worker` shares the cores among the workers'
 forward passes (without importing torch, so the process launcher can use it).
+`run_options` reads `bytewax.run`'s command line and `BYTEWAX_*` variables (workers,
+process id, recovery) the way it does: the one place the project parses them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import os
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import NoReturn
 
 _MASK = (1 << 64) - 1
 # By thread id, not `threading.local`: Bytewax's Rust threads hold a Python thread state
@@ -106,26 +111,122 @@ def note_worker(index: int, count: int) -> None:
     _workers[threading.get_ident()] = (index, count)
 
 
-def workers_per_process(
+RECOVERY_DIRECTORY_ENV = "BYTEWAX_RECOVERY_DIRECTORY"
+SNAPSHOT_INTERVAL_ENV = "BYTEWAX_SNAPSHOT_INTERVAL"
+BACKUP_INTERVAL_ENV = "BYTEWAX_RECOVERY_BACKUP_INTERVAL"
+RECOVERY_ENV = (RECOVERY_DIRECTORY_ENV, SNAPSHOT_INTERVAL_ENV, BACKUP_INTERVAL_ENV)
+"""The variables `bytewax.run` reads its recovery flags (`-r`, `-s`, `-b`) from."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `python -m bytewax.run` makes of its command line and environment: the one
+    parsed form of them in this project (see `run_options`)."""
+
+    workers: int = 1
+    """Worker threads per process (`-w`)."""
+    process_id: int | None = None
+    """This process's id in a multi-process cluster (`-i`, or the pod's ordinal); None
+    for a single process."""
+    recovery_directory: Path | None = None
+    """Where the recovery partitions are (`-r`); None when recovery is off."""
+    snapshot_interval_s: int | None = None
+    """Seconds between snapshots (`-s`)."""
+    backup_interval_s: int | None = None
+    """Seconds old snapshots are kept (`-b`)."""
+
+    def recovery_problem(self) -> str | None:
+        """Why `bytewax.run` refuses these recovery options (its own rule), or None."""
+        if self.recovery_directory is not None and (
+            self.snapshot_interval_s is None or self.backup_interval_s is None
+        ):
+            return (
+                f"recovery needs {SNAPSHOT_INTERVAL_ENV} and {BACKUP_INTERVAL_ENV} beside "
+                f"{RECOVERY_DIRECTORY_ENV} (bytewax.run -r DIR -s SECS -b SECS; -b 0 keeps "
+                "no extra snapshots)"
+            )
+        return None
+
+    def recovery_flags(self, directory: Path | None = None) -> list[str]:
+        """The `bytewax.run` flags (`-r`, `-s`, `-b`) that give a process the recovery
+        options set here, with `directory` instead of this one when given."""
+        flags: list[str] = []
+        for flag, value in (
+            ("-r", directory or self.recovery_directory),
+            ("-s", self.snapshot_interval_s),
+            ("-b", self.backup_interval_s),
+        ):
+            if value is not None:
+                flags += [flag, str(value)]
+        return flags
+
+
+class _RunParser(argparse.ArgumentParser):
+    """An argument parser whose errors are ValueErrors, not an exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def pod_process_id(pod_name: str, statefulset: str) -> int:
+    """The process id of StatefulSet pod `pod_name` (`name-3` -> 3), as `bytewax.run`
+    derives it from `BYTEWAX_POD_NAME` minus `BYTEWAX_STATEFULSET_NAME-`; ValueError when
+    the pod is not one of the StatefulSet's."""
+    prefix = statefulset + "-"
+    suffix = pod_name.removeprefix(prefix)
+    if not pod_name.startswith(prefix) or not suffix.isascii() or not suffix.isdigit():
+        raise ValueError(f"pod {pod_name!r} is not a pod of StatefulSet {statefulset!r}")
+    return int(suffix)
+
+
+def run_options(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-) -> int:
-    """The worker threads per process that `python -m bytewax.run` was asked for (its
-    `-w` / `--workers-per-process` flag, else `BYTEWAX_WORKERS_PER_PROCESS`, else 1).
-    `argv` defaults to the command line when the process was started by `bytewax.run`."""
+) -> RunOptions:
+    """`bytewax.run`'s options, read the way it reads them (bytewax 0.21.1's
+    `bytewax/run.py`): each flag, else its `BYTEWAX_*` variable, and the process id from
+    the pod name last. `argv` defaults to the command line when the process was started
+    by `bytewax.run` (else none), `environ` to the environment. ValueError on a value
+    `bytewax.run` would refuse too."""
     environ = os.environ if environ is None else environ
     if argv is None:
         main = getattr(sys.modules.get("__main__"), "__spec__", None)
         argv = sys.argv[1:] if getattr(main, "name", None) == "bytewax.run" else []
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("-w", "--workers-per-process", type=int)
+    # Every flag of bytewax.run, so that abbreviations (`--process=3`) and flags that take
+    # a value (`-a "h:p;h:p"`) are read as it reads them; each falls back to its variable.
+    parser = _RunParser(add_help=False, allow_abbrev=True)
+    for short, long, kind, variable in (
+        ("-r", "--recovery-directory", Path, RECOVERY_DIRECTORY_ENV),
+        ("-s", "--snapshot-interval", int, SNAPSHOT_INTERVAL_ENV),
+        ("-b", "--backup-interval", int, BACKUP_INTERVAL_ENV),
+        ("-w", "--workers-per-process", int, "BYTEWAX_WORKERS_PER_PROCESS"),
+        ("-i", "--process-id", int, "BYTEWAX_PROCESS_ID"),
+        ("-a", "--addresses", str, "BYTEWAX_ADDRESSES"),
+    ):
+        parser.add_argument(short, long, type=kind, default=environ.get(variable))
     known, _ = parser.parse_known_args(list(argv))
-    count = known.workers_per_process
-    if count is None:
-        try:
-            count = int(environ.get("BYTEWAX_WORKERS_PER_PROCESS", "1"))
-        except ValueError:
-            count = 1
-    return max(count, 1)
+    process_id = known.process_id
+    pod, statefulset = environ.get("BYTEWAX_POD_NAME"), environ.get("BYTEWAX_STATEFULSET_NAME")
+    if process_id is None and pod is not None and statefulset is not None:
+        process_id = pod_process_id(pod, statefulset)
+    return RunOptions(
+        workers=max(known.workers_per_process or 1, 1),
+        process_id=process_id,
+        recovery_directory=known.recovery_directory,
+        snapshot_interval_s=known.snapshot_interval,
+        backup_interval_s=known.backup_interval,
+    )
+
+
+def workers_per_process(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> int:
+    """The worker threads per process that `python -m bytewax.run` was asked for (its
+    `-w` / `--workers-per-process` flag, else `BYTEWAX_WORKERS_PER_PROCESS`, else 1; also
+    1 when its options do not parse). Arguments as for `run_options`."""
+    try:
+        return run_options(argv, environ).workers
+    except ValueError:
+        return 1
 
 
 def current_worker() -> tuple[int, int] | None:

@@ -1,5 +1,5 @@
 """The process launcher: each process's command line and environment (ports, recovery
-directory, model threads), its refusals, and the supervision of its children."""
+flags, model threads), its refusals, and the supervision of its children."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ from flows.processes import (
     supervise,
 )
 from flows.settings import Settings
+from operators.workers import RunOptions
+
+RECOVERY = {
+    "BYTEWAX_RECOVERY_DIRECTORY": "/var/lib/recovery",
+    "BYTEWAX_SNAPSHOT_INTERVAL": "5",
+    "BYTEWAX_RECOVERY_BACKUP_INTERVAL": "0",
+}
 
 
 def test_every_process_runs_the_flow_in_one_loopback_cluster() -> None:
@@ -33,19 +40,29 @@ def test_every_process_runs_the_flow_in_one_loopback_cluster() -> None:
 
 
 def test_each_process_gets_its_own_ports_and_recovery_directory(tmp_path: Path) -> None:
-    layout = Layout(processes=2, metrics_port=9464, api_port=3030, recovery_dir=tmp_path, cores=2)
-    environ = {"OTEL_SERVICE_NAME": "mine", "STREAMSIGHT_BROKERS": "kafka:9092"}
+    options = RunOptions(recovery_directory=tmp_path, snapshot_interval_s=5, backup_interval_s=0)
+    layout = Layout(
+        processes=2, metrics_port=9464, api_port=3030, recovery_options=options, cores=2
+    )
+    environ = {"OTEL_SERVICE_NAME": "mine", "STREAMSIGHT_BROKERS": "kafka:9092", **RECOVERY}
     envs = [layout.environment(i, environ) for i in range(2)]
     assert [e["STREAMSIGHT_METRICS_PORT"] for e in envs] == ["9464", "9465"]
     assert [e["BYTEWAX_DATAFLOW_API_PORT"] for e in envs] == ["3030", "3031"]
-    assert [e["STREAMSIGHT_RECOVERY_DIR"] for e in envs] == [
-        str(tmp_path / "process-0"),
-        str(tmp_path / "process-1"),
-    ]
-    for env in envs:
+    for index, env in enumerate(envs):
         assert env["OTEL_SERVICE_NAME"] == "mine"
         assert env["STREAMSIGHT_BROKERS"] == "kafka:9092"
-    assert environ == {"OTEL_SERVICE_NAME": "mine", "STREAMSIGHT_BROKERS": "kafka:9092"}
+        # Bytewax's recovery flags, not the shared variables, give each its own directory.
+        assert not RECOVERY.keys() & env.keys()
+        assert layout.argv(index, python="py")[-6:] == [
+            "-r", str(tmp_path / f"process-{index}"), "-s", "5", "-b", "0",
+        ]  # fmt: skip
+    assert environ["BYTEWAX_RECOVERY_DIRECTORY"] == "/var/lib/recovery"  # left as it was
+
+
+def test_without_recovery_no_process_gets_recovery_flags() -> None:
+    layout = Layout(processes=2)
+    assert layout.recovery(0) is None
+    assert "-r" not in layout.argv(0) and "-s" not in layout.argv(0)
 
 
 @pytest.mark.parametrize(
@@ -67,29 +84,30 @@ def test_the_cores_are_split_among_every_worker_unless_set(
 
 
 def test_layout_starts_from_the_user_settings(tmp_path: Path) -> None:
-    settings = Settings(
-        brokers="kafka:9092", metrics_port=9500, recovery_dir=str(tmp_path), cpu_threads=0
-    )
-    layout = layout_for(None, 1, 2101, settings, {"BYTEWAX_DATAFLOW_API_PORT": "4000"}, 6)
+    settings = Settings(brokers="kafka:9092", metrics_port=9500, cpu_threads=0)
+    environ = {"BYTEWAX_DATAFLOW_API_PORT": "4000", **RECOVERY}
+    layout = layout_for(None, 1, 2101, settings, environ, 6)
     assert layout.processes == 6  # one per usable core
     env = layout.environment(5, {})
     assert env["STREAMSIGHT_METRICS_PORT"] == "9505"
     assert env["BYTEWAX_DATAFLOW_API_PORT"] == "4005"
-    assert env["STREAMSIGHT_RECOVERY_DIR"] == str(tmp_path / "process-5")
     assert env["STREAMSIGHT_CPU_THREADS"] == "1"
+    assert layout.recovery(5) == Path("/var/lib/recovery/process-5")
     assert layout_for(2, 3, 2101, settings, {}, 6).api_port == 3030
+    assert layout_for(2, 3, 2101, settings, {}, 6).recovery(0) is None
     with pytest.raises(ValueError, match="BYTEWAX_DATAFLOW_API_PORT"):
         layout_for(2, 1, 2101, settings, {"BYTEWAX_DATAFLOW_API_PORT": "x"}, 6)
+    with pytest.raises(ValueError, match="snapshot-interval"):
+        layout_for(2, 1, 2101, settings, {"BYTEWAX_SNAPSHOT_INTERVAL": "soon"}, 6)
 
 
 def test_refusals() -> None:
-    demo = refusal(Settings(brokers=None), {})
+    demo = refusal(Settings(brokers=None))
     assert demo is not None
     assert "STREAMSIGHT_BROKERS" in demo and "python -m bytewax.run flows.video" in demo
-    kafka = Settings(brokers="kafka:9092")
-    assert refusal(kafka, {}) is None
-    shared = refusal(kafka, {"BYTEWAX_RECOVERY_DIRECTORY": "/r"})
-    assert shared is not None and "STREAMSIGHT_RECOVERY_DIR" in shared
+    assert refusal(Settings(brokers="kafka:9092")) is None
+    incomplete = Layout(processes=2, recovery_options=RunOptions(recovery_directory=Path("r")))
+    assert "BYTEWAX_SNAPSHOT_INTERVAL" in (incomplete.problem() or "")
     assert Layout(processes=2).problem() is None
     assert "processes" in (Layout(processes=0).problem() or "")
     assert "workers" in (Layout(processes=1, workers=0).problem() or "")
@@ -121,6 +139,17 @@ def test_main_refuses_bad_counts(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "at least 1" in err
+
+
+def test_main_refuses_a_recovery_directory_without_its_intervals_with_one_line(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    clean_env.setenv("STREAMSIGHT_BROKERS", "kafka:9092")
+    clean_env.setenv("BYTEWAX_RECOVERY_DIRECTORY", str(tmp_path / "recovery"))
+    assert main(["-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "BYTEWAX_SNAPSHOT_INTERVAL" in err
+    assert not (tmp_path / "recovery").exists()
 
 
 def test_main_rejects_a_bad_process_count_from_the_environment(

@@ -62,9 +62,7 @@ BAD_VALUES: dict[str, str] = {
     "sink": "sqlite://",
     "publish_detections": "perhaps",
     "sink_retry_s": "0",
-    "recovery_dir": "",
     "recovery_partitions": "0",
-    "snapshot_interval_s": "0",
     "metrics_enabled": "loud",
     "metrics_port": "99999",
     "metrics_addr": "not an address",
@@ -283,12 +281,7 @@ def test_existing_files_are_accepted(clean_env: pytest.MonkeyPatch, tmp_path: Pa
         (tmp_path / name).write_text("x")
     clean_env.setenv("STREAMSIGHT_SSL_CA_LOCATION", str(tmp_path / "ca.pem"))
     clean_env.setenv("STREAMSIGHT_MODEL_PATH", str(tmp_path / "model.pt"))
-    clean_env.setenv("STREAMSIGHT_RECOVERY_DIR", str(tmp_path / "not-yet-made"))
     read_settings()
-    clean_env.setenv("STREAMSIGHT_RECOVERY_DIR", str(tmp_path / "ca.pem"))
-    with pytest.raises(SettingsError) as info:
-        read_settings()
-    assert info.value.lines[0].startswith("streamsight: STREAMSIGHT_RECOVERY_DIR: ")
 
 
 def test_overrides_are_named_as_given(clean_env: pytest.MonkeyPatch) -> None:
