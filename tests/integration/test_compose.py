@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from flows.settings import Settings
+from operators.workers import RECOVERY_ENV, run_options
 from tests.fixtures.kafka import REPO_ROOT
 from tests.integration.tools import require_module
 
@@ -119,8 +120,13 @@ def test_dataflow_and_camera_settings(
         monkeypatch.setenv(key, str(value))
     settings = Settings()  # the dataflow's settings parse
     assert settings.sink.startswith("postgresql://") and settings.brokers == "kafka:9092"
-    recovery = settings.recovery_dir
-    assert any(v.endswith(f":{recovery}") for v in services["streamsight"]["volumes"])
+    # Recovery is on, as bytewax.run reads it, in the named volume (the GPU service too).
+    for name in ("streamsight", "streamsight-gpu"):
+        environment = {k: str(v) for k, v in services[name]["environment"].items()}
+        options = run_options([], environment)
+        assert options.recovery_directory is not None and options.recovery_problem() is None
+        volumes = services[name]["volumes"]
+        assert f"recovery:{options.recovery_directory}" in volumes
     assert dataflow["STREAMSIGHT_METRICS_PORT"] == "9464"
     # On CPU one single-worker process per core, each publishing its own metrics port;
     # on the GPU one process with worker threads.
@@ -161,6 +167,17 @@ def test_image_runs_as_a_non_root_user() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "FROM python:3.11-slim" in dockerfile
     assert "download.pytorch.org/whl/cpu" in dockerfile
+
+
+def test_image_turns_recovery_on_in_the_directory_it_owns() -> None:
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    statements = re.findall(r"^ENV ((?:.*\\\n)*.*)$", dockerfile, flags=re.MULTILINE)
+    variables = dict(re.findall(r"(\w+)=(\S+)", "\n".join(statements)))
+    assert set(RECOVERY_ENV) <= variables.keys()
+    options = run_options([], variables)
+    assert options.recovery_problem() is None
+    assert f"mkdir -p {options.recovery_directory}" in dockerfile
+    assert f"chown -R streamsight:streamsight {options.recovery_directory.parent}" in dockerfile
 
 
 def test_prometheus_scrapes_services_that_exist(compose: dict[str, Any]) -> None:

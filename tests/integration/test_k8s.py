@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from operators.workers import run_options
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
 from tests.integration.tools import require_command, require_module
 
@@ -177,12 +178,17 @@ def test_statefulset_is_wired_the_way_bytewax_run_expects(
         assert env["BYTEWAX_STATEFULSET_NAME"]["value"] == statefulset["metadata"]["name"]
         assert env["BYTEWAX_HOSTFILE_PATH"]["value"] == "/etc/bytewax/hostfile"
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        assert mounts["recovery"] == settings["STREAMSIGHT_RECOVERY_DIR"]
+        assert mounts["recovery"] == env["BYTEWAX_RECOVERY_DIRECTORY"]["value"]
         assert mounts["hostfile"] == "/etc/bytewax"
         refs = [e["configMapRef"]["name"] for e in container["envFrom"]]
         assert any(ref.startswith("streamsight-settings") for ref in refs)
 
     (dataflow,) = spec["containers"]
+    # Recovery is on, as bytewax.run reads its variables (a complete set: it would refuse
+    # a directory without both intervals).
+    values = {name: e["value"] for name, e in env_of(dataflow).items() if "value" in e}
+    options = run_options([], values)
+    assert options.recovery_directory is not None and options.recovery_problem() is None
     # On CPU one single-worker process per pod (threads would share the interpreter
     # lock); on a GPU two worker threads per process share its CUDA context. Either way
     # the cluster runs 4 workers, one per input partition, within the recovery partitions.
@@ -220,7 +226,7 @@ def test_init_container_writes_the_hostfile_and_partitions_of_each_pod(
             BYTEWAX_POD_NAME=pod,
             POD_NAMESPACE=namespace,
             BYTEWAX_HOSTFILE_PATH=str(tmp_path / pod / "hostfile"),
-            STREAMSIGHT_RECOVERY_DIR=str(tmp_path / pod / "recovery"),
+            BYTEWAX_RECOVERY_DIRECTORY=str(tmp_path / pod / "recovery"),
         )
         result = subprocess.run(
             [sys.executable, *init["command"][1:]],
