@@ -1,6 +1,8 @@
 """Replay: the dataflow runs as a real `python -m bytewax.run flows.video` process with
-recovery against a Kafka-protocol broker, is killed with SIGKILL several times mid-run and
-restarted, and the sink still holds every input frame exactly once."""
+Bytewax's recovery (its BYTEWAX_* variables) against a Kafka-protocol broker, is killed
+with SIGKILL several times mid-run and restarted, and the sink still holds every input
+frame exactly once. Without recovery, real Kafka says so in one line; the embedded demo
+broker refuses recovery."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from operators.workers import RECOVERY_ENV
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
 from tests.integration.kafka_frames import assert_stored_once, fill_topic, stored
 
@@ -36,8 +39,9 @@ def test_kill_9_and_restart_gives_every_frame_exactly_once(
         STREAMSIGHT_OUTPUT_TOPIC=topics["detections"],
         STREAMSIGHT_DEAD_LETTER_TOPIC=topics["dead"],
         STREAMSIGHT_STOP_AT_END="true",
-        STREAMSIGHT_RECOVERY_DIR=str(tmp_path / "recovery"),
-        STREAMSIGHT_SNAPSHOT_INTERVAL_S="0.5",
+        BYTEWAX_RECOVERY_DIRECTORY=str(tmp_path / "recovery"),
+        BYTEWAX_SNAPSHOT_INTERVAL="1",
+        BYTEWAX_RECOVERY_BACKUP_INTERVAL="0",
         STREAMSIGHT_SINK=f"sqlite:///{db}",
         STREAMSIGHT_FETCH_BATCH_SIZE="4",
         STREAMSIGHT_BATCH_MAX_SIZE="4",
@@ -69,3 +73,65 @@ def test_kill_9_and_restart_gives_every_frame_exactly_once(
     # Recovery resumed from snapshots: far fewer than KILLS + 1 full passes were needed.
     recovery = tmp_path / "recovery"
     assert any(recovery.glob("part-*.sqlite3"))
+
+
+def test_real_kafka_without_recovery_warns_in_one_line(
+    kafka_bootstrap, kafka_config, create_topic, unique_topic, tmp_path: Path
+) -> None:
+    topic = unique_topic("frames")
+    create_topic(topic, 1)
+    fill_topic(kafka_config, topic, cameras=1, frames_per_camera=2, job_id="no-recovery")
+    env = subprocess_env(
+        STREAMSIGHT_BROKERS=kafka_bootstrap,
+        STREAMSIGHT_INPUT_TOPIC=topic,
+        STREAMSIGHT_OUTPUT_TOPIC=unique_topic("detections"),
+        STREAMSIGHT_DEAD_LETTER_TOPIC=unique_topic("dead"),
+        STREAMSIGHT_STOP_AT_END="true",
+        STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'sink.db'}",
+        STREAMSIGHT_METRICS_ENABLED="false",
+        STREAMSIGHT_RECOVERY_DIR=str(tmp_path / "old-setting"),
+        OTEL_SDK_DISABLED="true",
+    )
+    for name in RECOVERY_ENV:
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "bytewax.run", "flows.video"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "recovery is off" in line]
+    assert len(warnings) == 1, done.stderr[-3000:]
+    assert "BYTEWAX_RECOVERY_DIRECTORY=DIR" in warnings[0]
+    assert "STREAMSIGHT_RECOVERY_DIR (now BYTEWAX_RECOVERY_DIRECTORY)" in warnings[0]
+    # Nothing was written for recovery, neither by streamsight nor by Bytewax.
+    assert not (tmp_path / "old-setting").exists()
+    assert not list(tmp_path.rglob("part-*.sqlite3"))
+
+
+def test_the_embedded_demo_refuses_recovery_in_one_line(tmp_path: Path) -> None:
+    env = subprocess_env(
+        BYTEWAX_RECOVERY_DIRECTORY=str(tmp_path / "recovery"),
+        BYTEWAX_SNAPSHOT_INTERVAL="1",
+        BYTEWAX_RECOVERY_BACKUP_INTERVAL="0",
+        STREAMSIGHT_METRICS_ENABLED="false",
+        OTEL_SDK_DISABLED="true",
+    )
+    env.pop("STREAMSIGHT_BROKERS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "bytewax.run", "flows.video"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines[-20:]
+    assert lines[0].startswith("streamsight: recovery is on"), lines
+    assert "env -u BYTEWAX_RECOVERY_DIRECTORY" in lines[0]
+    assert not (tmp_path / "recovery").exists()
