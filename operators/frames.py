@@ -3,8 +3,9 @@ per-frame results and dead letters."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the span export process loads these records without numpy
     import numpy as np
@@ -44,7 +45,9 @@ class FrameMeta:
     content_sha256: str
     width: int = 0
     height: int = 0
-    trace_carrier: dict[str, str] = field(default_factory=dict)
+    trace_carrier: Mapping[str, str] = field(default_factory=dict)
+    """W3C trace headers that continue the frame's trace (from its Kafka headers, or, with
+    tracing, its ingest span's): set when the record is made, never changed after."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,19 +57,6 @@ class PreparedFrame:
     meta: FrameMeta
     pixels: np.ndarray
     prepared_ns: int
-    pending_spans: tuple[Any, ...] | None = None
-    """With tracing, what the frame's ingest and preprocess spans are made of (its
-    message's headers, Kafka timestamp and size, decode start and end) until its
-    batch's inference stage writes them; else None."""
-
-    def __setstate__(self, state: list[Any]) -> None:
-        """Unpickle (recovery snapshots hold pending frames): a snapshot taken before
-        `pending_spans` existed holds the first three fields only."""
-        values = [*state, None][:4]
-        for name, value in zip(
-            ("meta", "pixels", "prepared_ns", "pending_spans"), values, strict=True
-        ):
-            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,4 +114,5 @@ class DeadLetter:
     payload: bytes | None
     frame_id: str | None = None
     job_id: str | None = None
-    trace_carrier: dict[str, str] = field(default_factory=dict)
+    trace_carrier: Mapping[str, str] = field(default_factory=dict)
+    """W3C trace headers that continue the record's trace; set when it is made."""

@@ -1,14 +1,15 @@
-"""Span export from a child process, with an OTLP encoder for the pipeline's spans.
+"""Finished spans and their export, through OpenTelemetry's public APIs only.
 
-Encoding spans to OTLP protobuf is the largest cost of tracing every frame (the SDK's
-generic encoder builds every attribute anew: about 45 microseconds per span). Here
-finished spans become plain records (`span_record`), the stages of a frame one compact
-record (`tracing.expand`); they are piped in batches to a child Python process
-(`ExportProcess`), where `RecordEncoder` writes the request the SDK's encoder would build
-straight in protobuf's wire format: the spans of a compact record without building them
-first, and the encoded attributes that recur (stages, jobs, cameras, topics: the values of
-a stream repeat) reused. The OTLP exporters then send the serialised request as it is
-(`SerializedRequest`; for gRPC through `SerializedTraceStub`).
+A finished span is a `SpanRecord`: the one definition of a span's fields. The flow's
+process writes records (or compact records of a frame's stages, which know the spans they
+stand for: `Record.spans`) and pipes them in batches to a child Python process
+(`ExportProcess`), so that encoding runs beside the flow's workers, not under their
+interpreter lock. There the spans are encoded into an OTLP `ExportTraceServiceRequest`
+made of opentelemetry-proto's generated messages (`RequestEncoder`, with the resource and
+scope as the SDK's encoder writes them) and sent with the generated gRPC
+`TraceServiceStub` (`OtlpGrpcExporter`, configured from the standard `OTEL_EXPORTER_OTLP_*`
+variables). Any other exporter (OTLP/HTTP, the console, one a caller makes) gets SDK spans
+(`readable_span`) through its public `export`, and encodes them itself.
 """
 
 from __future__ import annotations
@@ -20,73 +21,48 @@ import pickle
 import queue
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from functools import lru_cache
-from struct import pack
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, SpanFlags
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PBSpan
-from opentelemetry.proto.trace.v1.trace_pb2 import Status as PBStatus
+from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    DEFAULT_TRACE_STATE,
+    Link,
     SpanContext,
     SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
 )
+from opentelemetry.util.re import parse_env_headers
 
-from operators.telemetry.tracing import (
-    BATCH_ID,
-    BATCH_WAIT,
-    CAMERA,
-    FLUSH_TIMEOUT_S,
-    FRAME_ID,
-    INFERENCE,
-    INFERRED,
-    INGEST,
-    JOB_ID,
-    MESSAGING_SYSTEM,
-    PREPARED,
-    PREPROCESS,
-    SCOPE,
-    SCOPE_ATTR,
-    SERVICE_VERSION,
-    SINK,
-    SPAN_NAMES,
-    STAGE,
-    WRITTEN,
-    Attributes,
-    Ctx,
-    GuardedExporter,
-    Ids,
-    SpanRecord,
-    bounded,
-    child_context,
-    context_record,
-    environment_exporter,
-    expand,
-    quiet_exporter_logs,
-    readable_span,
-    sampled,
-    write_batch_span,
-)
+if TYPE_CHECKING:  # grpc is loaded by the export process only
+    import grpc
 
 log = logging.getLogger(__name__)
 
+FLUSH_TIMEOUT_S = 5.0
+"""Longest the flush at shutdown may take (a missing collector must not hang the exit)."""
+EXPORT_COOLDOWN_S = 30.0
+"""After a failed export, batches are dropped for this long instead of retried."""
 EXPORT_BATCH = 512
 """Spans per export call in the export process."""
 READY = "ready"
@@ -94,14 +70,91 @@ READY = "ready"
 
 # Records ----------------------------------------------------------------------------------
 
+Attributes = dict[str, str | int | float | bool]
+Ctx = tuple[int, int, int, str, bool]
+"""A span context as plain values: trace id, span id, trace flags, trace state header,
+whether it came from a carrier (remote). Cheaper than the SDK's `SpanContext`, and what the
+export process receives."""
+SpanLink = tuple[Ctx, Attributes]
+"""A link to another span: its context and the link's attributes."""
+UNSET_STATUS = (StatusCode.UNSET.value, None)
+
+
+class Ids(Protocol):
+    """Makes span and trace ids (the SDK's id generators do)."""
+
+    def generate_span_id(self) -> int: ...
+
+    def generate_trace_id(self) -> int: ...
+
+
+class SpanRecord(NamedTuple):
+    """A finished span as plain values (pickled at C speed)."""
+
+    name: str
+    kind: int
+    """A `SpanKind` value."""
+    start: int
+    end: int
+    context: Ctx
+    parent: Ctx | None
+    attributes: Attributes
+    links: Sequence[SpanLink]
+    status: tuple[int, str | None]
+    """Status code value and description."""
+
+    def spans(self, ids: Ids) -> list[SpanRecord]:
+        """The spans this record stands for: itself."""
+        return [self]
+
+
+class Record(Protocol):
+    """What the export process receives: a span record, or a compact record of several
+    spans, which makes the span ids it leaves out with `ids`."""
+
+    def spans(self, ids: Ids) -> list[SpanRecord]: ...
+
+
+def context_record(context: SpanContext) -> Ctx:
+    """The plain-values form of an SDK span context."""
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return (context.trace_id, context.span_id, int(context.trace_flags), state, context.is_remote)
+
+
+def span_context(ctx: Ctx) -> SpanContext:
+    """The SDK span context of plain values."""
+    trace_id, span_id, flags, state, remote = ctx
+    trace_state = TraceState.from_header([state]) if state else DEFAULT_TRACE_STATE
+    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), trace_state)
+
+
+def readable_span(
+    record: SpanRecord, resource: Resource, scope: InstrumentationScope
+) -> ReadableSpan:
+    """The SDK span of a record (for span processors and exporters)."""
+    name, kind, start, end, context, parent, attributes, links, (code, description) = record
+    return ReadableSpan(
+        name=name,
+        context=span_context(context),
+        parent=span_context(parent) if parent is not None else None,
+        resource=resource,
+        attributes=attributes,
+        links=tuple(Link(span_context(c), a) for c, a in links),
+        kind=SpanKind(kind),
+        status=Status(StatusCode(code), description),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
+
 
 def span_record(span: ReadableSpan) -> SpanRecord:
-    """`span` as plain values."""
-    return (
+    """An SDK span as a record."""
+    return SpanRecord(
         span.name,
         span.kind.value,
-        span.start_time,
-        span.end_time,
+        span.start_time or 0,
+        span.end_time or 0,
         context_record(span.get_span_context()),
         context_record(span.parent) if span.parent is not None else None,
         dict(span.attributes or {}),
@@ -119,108 +172,29 @@ _KINDS = {
     SpanKind.PRODUCER.value: PBSpan.SpanKind.SPAN_KIND_PRODUCER,
     SpanKind.CONSUMER.value: PBSpan.SpanKind.SPAN_KIND_CONSUMER,
 }
-_LINK = PBSpan.Link
-_HAS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
-_IS_REMOTE = _HAS_REMOTE | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
-_FLAGS_LOCAL = PBSpan(flags=_HAS_REMOTE).SerializeToString()
-_FLAGS_REMOTE = PBSpan(flags=_IS_REMOTE).SerializeToString()
-_LOW64 = (1 << 64) - 1
+_LOCAL = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
+_REMOTE = _LOCAL | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 
-def _value(value: Any) -> AnyValue:
+def key_value(key: str, value: Any) -> KeyValue:
+    """An attribute as an OTLP `KeyValue` (bool, str, int or float; others as their text)."""
     if isinstance(value, bool):
-        return AnyValue(bool_value=value)
+        return KeyValue(key=key, value=AnyValue(bool_value=value))
     if isinstance(value, str):
-        return AnyValue(string_value=value)
+        return KeyValue(key=key, value=AnyValue(string_value=value))
     if isinstance(value, int):
-        return AnyValue(int_value=value)
+        return KeyValue(key=key, value=AnyValue(int_value=value))
     if isinstance(value, float):
-        return AnyValue(double_value=value)
-    return AnyValue(string_value=str(value))
+        return KeyValue(key=key, value=AnyValue(double_value=value))
+    return KeyValue(key=key, value=AnyValue(string_value=str(value)))
 
 
-_SPAN_ATTRIBUTE = 0x4A
-"""The tag of Span.attributes (field 9, length-delimited)."""
-_LINK_ATTRIBUTE = 0x22
-"""The tag of Span.Link.attributes (field 4, length-delimited)."""
-_INT64 = range(-(1 << 63), 1 << 63)
-_UNSET = PBSpan(status=PBStatus()).SerializeToString()
-_STEP, _SOURCE = "step", "source"
-"""Cache keys of attribute groups (attribute keys are never these)."""
-_SEQ = "streamsight.frame.seq"
-_OFFSET = "messaging.kafka.offset"
-_BODY_SIZE = "messaging.message.body.size"
-_WIDTH, _HEIGHT = "streamsight.frame.width", "streamsight.frame.height"
-_BATCH_SIZE = "streamsight.batch.size"
-_FLUSH_REASON = "streamsight.batch.flush_reason"
-_DETECTIONS = "streamsight.detections"
-_OUTCOME = "streamsight.sink.outcome"
-_DESTINATION = "destination"
-_U64 = (1 << 64) - 1
-
-
-def _any_value(value: Any) -> bytes | None:
-    """`value` (bool, str, int or float) as a serialised AnyValue; None for other types."""
-    if isinstance(value, bool):
-        return b"\x10\x01" if value else b"\x10\x00"
-    if isinstance(value, str):
-        text = value.encode("utf-8", "replace")
-        return b"".join((b"\x0a", _varint(len(text)), text))
-    if isinstance(value, int):
-        if value in _INT64:
-            return b"\x18" + _varint(value & _U64)
-        return None
-    if isinstance(value, float):
-        return pack("<Bd", 0x21, value)
-    return None
-
-
-@lru_cache(maxsize=1024)
-def _key_field(key: str) -> bytes:
-    """The `key` field (1) of a KeyValue; nothing for an empty key, as protobuf writes it."""
-    name = key.encode("utf-8", "replace")
-    return b"".join((b"\x0a", _varint(len(name)), name)) if name else b""
-
-
-def _attribute_entry(tag: int, key: str, value: Any) -> bytes:
-    """The attribute `key` = `value` as an `attributes` entry under `tag` (of a Span or a
-    Span.Link), in protobuf's wire format; types other than bool, str, int and float
-    are written as their string, as protobuf serialises them."""
-    if type(value) is str:  # the common case, written in one go
-        text = value.encode("utf-8", "replace")
-        short = _SHORT_VARINTS
-        head = _key_field(key)
-        size = len(text)
-        any_size = 1 + (1 if size < 0x80 else 2) + size  # an AnyValue's string_value
-        pair_size = len(head) + 1 + (1 if any_size < 0x80 else 2) + any_size
-        if pair_size < _SHORT:
-            return b"".join((
-                _TAGS[tag], short[pair_size], head, b"\x12", short[any_size], b"\x0a",
-                short[size], text,
-            ))  # fmt: skip
-    encoded_value = _any_value(value)
-    if encoded_value is None:
-        owner = PBSpan if tag == _SPAN_ATTRIBUTE else _LINK
-        return owner(attributes=[KeyValue(key=key, value=_value(value))]).SerializeToString()
-    pair = b"".join((_key_field(key), b"\x12", _varint(len(encoded_value)), encoded_value))
-    return b"".join((_TAGS[tag], _varint(len(pair)), pair))
-
-
-def _ids(context: Ctx) -> bytes:
-    """The trace id and span id fields (1 and 2) of a Span or a Span.Link."""
-    trace_id = context[0]
-    return pack(">BBQQBBQ", 0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, context[1])
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field: tag, length and `payload`."""
-    return b"".join((_varint(number << 3 | 2), _varint(len(payload)), payload))
-
-
-class RecordEncoder:
-    """Encodes span records of one resource and scope into the serialised OTLP request
-    that the SDK's encoder builds, keeping up to `max_cached` encoded attributes (and
-    names and statuses) for reuse."""
+class RequestEncoder:
+    """Builds the OTLP export request of span records of one resource and scope from
+    opentelemetry-proto's generated messages: the request the SDK's encoder
+    (`encode_spans`) builds from the same spans as SDK spans. The resource and scope are
+    encoded once, by the SDK's encoder; attributes that recur (stages, jobs, cameras,
+    topics) are built once and copied, up to `max_cached` of them."""
 
     def __init__(
         self, resource: Resource, scope: InstrumentationScope, max_cached: int = 65_536
@@ -228,413 +202,351 @@ class RecordEncoder:
         probe = ReadableSpan(
             "probe", SpanContext(1, 1, False), resource=resource, instrumentation_scope=scope
         )
-        template = encode_spans([probe]).resource_spans[0]
-        scope_spans = template.scope_spans[0]
-        # Fields in the order protobuf writes them: a ResourceSpans is its resource (1),
-        # its ScopeSpans (2) and schema URL (3); a ScopeSpans its scope (1), spans (2)
-        # and schema URL (3).
-        self._resource_head = ResourceSpans(resource=template.resource).SerializeToString()
-        self._resource_tail = ResourceSpans(schema_url=template.schema_url).SerializeToString()
-        self._scope_head = ScopeSpans(scope=scope_spans.scope).SerializeToString()
-        self._scope_tail = ScopeSpans(schema_url=scope_spans.schema_url).SerializeToString()
+        self.template = encode_spans([probe]).resource_spans[0]
+        self.template.scope_spans[0].ClearField("spans")
         self.max_cached = max_cached
-        self._cache: dict[tuple[Any, ...], bytes] = {}
-        self._process = self._attributes(
-            (_SOURCE, "process"),
-            lambda: {"messaging.operation.type": "process", "messaging.operation.name": "process"},
-        )
-        internal = SpanKind.INTERNAL.value
-        self._preprocess = self._head(SPAN_NAMES[PREPROCESS], internal)
-        self._wait = self._head(SPAN_NAMES[BATCH_WAIT], internal)
-        self._inference = self._head(SPAN_NAMES[INFERENCE], internal)
+        self._values: dict[tuple[str, Any, type], KeyValue] = {}
 
-    def _attribute(self, key: str, value: Any, tag: int = _SPAN_ATTRIBUTE) -> bytes:
-        """The attribute as an `attributes` entry under `tag` (a Span's or a Link's)."""
-        cache_key = (key, value, type(value), tag)
-        found = self._cache.get(cache_key)
+    def request(self, records: Iterable[SpanRecord]) -> ExportTraceServiceRequest:
+        """The request that carries `records`."""
+        request = ExportTraceServiceRequest()
+        resource_spans = request.resource_spans.add()
+        resource_spans.CopyFrom(self.template)
+        add = resource_spans.scope_spans[0].spans.add
+        for record in records:
+            self._fill(add(), record)
+        return request
+
+    def _attribute(self, key: str, value: Any) -> KeyValue:
+        cache_key = (key, value, type(value))
+        found = self._values.get(cache_key)
         if found is None:
-            found = _attribute_entry(tag, key, value)
-            self._keep(cache_key, found)
+            if len(self._values) >= self.max_cached:
+                self._values.clear()
+            found = self._values[cache_key] = key_value(key, value)
         return found
 
-    def _keep(self, cache_key: tuple[Any, ...], encoded: bytes) -> None:
-        if len(self._cache) >= self.max_cached:
-            self._cache.clear()
-        self._cache[cache_key] = encoded
-
-    def _encoded(self, cache_key: tuple[Any, ...], message: Any) -> bytes:
-        """`message` serialised, kept under `cache_key` for reuse."""
-        found: bytes = message.SerializeToString()
-        self._keep(cache_key, found)
-        return found
-
-    def _head(self, name: str, kind: int) -> bytes:
-        """A span's name and kind fields."""
-        key = (PBSpan, name, kind)
-        return self._cache.get(key) or self._encoded(key, PBSpan(name=name, kind=_KINDS[kind]))
-
-    def _status(self, status: tuple[int, str | None]) -> bytes:
-        key = (PBStatus, *status)
-        return self._cache.get(key) or self._encoded(
-            key, PBSpan(status=PBStatus(code=status[0], message=status[1]))
-        )
-
-    def _entry(
-        self,
-        context: Ctx,
-        parent: Ctx | None,
-        head: bytes,
-        start: int,
-        end: int,
-        body: list[bytes],
-        status: bytes = _UNSET,
-    ) -> bytes:
-        """A span as a `spans` entry of ScopeSpans (tag, length, the Span message), from
-        its contexts, name and kind (`head`), times, attributes and links (`body`, encoded
-        entries) and status. Fields go in the order protobuf writes them."""
-        if context[3]:
-            key = (PBSpan, "trace_state", context[3])
-            state = self._cache.get(key) or self._encoded(key, PBSpan(trace_state=context[3]))
-            ids = b"".join((_ids(context), state))
-            if parent is not None:
-                ids += pack(">BBQ", 0x22, 8, parent[1])
-        elif parent is not None:  # a frame's span: ids and parent id in one go
-            high, low = context[0] >> 64, context[0] & _LOW64
-            ids = pack(">BBQQBBQBBQ", 0x0A, 16, high, low, 0x12, 8, context[1], 0x22, 8, parent[1])
-        else:
-            ids = _ids(context)
-        times = pack("<BQBQ", 0x39, start, 0x41, end)
-        flags = _FLAGS_REMOTE if parent is not None and parent[4] else _FLAGS_LOCAL
-        span = b"".join((ids, head, times, *body, status, flags))
-        return b"".join((b"\x12", _varint(len(span)), span))
-
-    def _span(self, record: SpanRecord) -> bytes:
-        """`record` as a `spans` entry of ScopeSpans. Names and statuses are serialised by
-        protobuf once and reused; the rest is written here in protobuf's wire format."""
+    def _fill(self, span: PBSpan, record: SpanRecord) -> None:
+        """Set the fields of `span` to those of `record`, as the SDK's encoder does."""
         name, kind, start, end, context, parent, attributes, links, status = record
-        attribute, get = self._attribute, self._cache.get
-        body = [
-            get((k, v, type(v), _SPAN_ATTRIBUTE)) or attribute(k, v) for k, v in attributes.items()
-        ]
+        span.trace_id = context[0].to_bytes(16, "big")
+        span.span_id = context[1].to_bytes(8, "big")
+        if context[3]:
+            span.trace_state = context[3]
+        if parent is not None:
+            span.parent_span_id = parent[1].to_bytes(8, "big")
+        span.name = name
+        span.kind = _KINDS[kind]
+        span.start_time_unix_nano = start
+        span.end_time_unix_nano = end
+        attribute = self._attribute
+        span.attributes.extend([attribute(k, v) for k, v in attributes.items()])
         for link, link_attributes in links:
-            body.append(self._link(link, link_attributes))
-        head = self._head(name, kind)
-        return self._entry(context, parent, head, start, end, body, self._status(status))
-
-    def _link(self, link: Ctx, attributes: Attributes) -> bytes:
-        """A link as a `links` entry of a Span."""
-        body = [_ids(link)]
-        # A link's attributes name the frame or batch it links to: seldom seen again.
-        body += [_attribute_entry(_LINK_ATTRIBUTE, k, v) for k, v in attributes.items()]
-        body.append(pack("<BI", 0x35, _IS_REMOTE if link[4] else _HAS_REMOTE))
-        encoded = b"".join(body)
-        return b"".join((b"\x6a", _varint(len(encoded)), encoded))
-
-    def _attributes(self, key: tuple[Any, ...], attributes: Callable[[], Attributes]) -> bytes:
-        """Several attributes that recur together, encoded once under `key`."""
-        found = self._cache.get(key)
-        if found is None:
-            found = b"".join(
-                _attribute_entry(_SPAN_ATTRIBUTE, k, v) for k, v in attributes().items()
+            span.links.add(
+                trace_id=link[0].to_bytes(16, "big"),
+                span_id=link[1].to_bytes(8, "big"),
+                attributes=[key_value(k, v) for k, v in link_attributes.items()],
+                flags=_REMOTE if link[4] else _LOCAL,
             )
-            self._keep(key, found)
-        return found
-
-    def _step(self, stage: str, job: str, camera: str) -> bytes:
-        """The stage, scope, job and camera attributes that open a frame's span."""
-        return self._attributes(
-            (_STEP, stage, job, camera),
-            lambda: {
-                STAGE: stage,
-                SCOPE_ATTR: "frame",
-                JOB_ID: bounded(job),
-                CAMERA: bounded(camera),
-            },
-        )
-
-    def spans(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
-        """The `spans` entries of a record: a span record's, or the spans a compact record
-        expands to (`tracing.expand`), those of a frame's stages written directly here."""
-        kind = record[0]
-        if kind == PREPARED:
-            return self._prepared(record, ids)
-        if kind == INFERRED:
-            return self._inferred(record, ids)
-        if kind == WRITTEN:
-            return self._written(record, ids)
-        if type(kind) is int:
-            return [self._span(span) for span in expand(record, ids)]
-        return [self._span(record)]
-
-    def _prepared(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
-        """A frame's ingest and preprocess spans: as `tracing.expand` builds them."""
-        (_, ingest, parent, start, end, started, ended, topic, partition, offset, group, size,
-         job, camera, frame_id, seq, width, height) = record  # fmt: skip
-        attribute = self._attribute
-        frame = attribute(FRAME_ID, bounded(frame_id))
-        body = [self._step(INGEST, job, camera), frame]
-        if seq is not None:  # one per frame, like the offset: not worth keeping
-            body.append(_attribute_entry(_SPAN_ATTRIBUTE, _SEQ, seq))
-        body.append(
-            self._attributes(
-                (_SOURCE, topic, partition),
-                lambda: {
-                    "messaging.system": MESSAGING_SYSTEM,
-                    "messaging.destination.name": bounded(topic),
-                    "messaging.destination.partition.id": str(partition),
-                },
-            )
-        )
-        body.append(_attribute_entry(_SPAN_ATTRIBUTE, _OFFSET, offset))
-        if group:
-            body.append(attribute("messaging.consumer.group.name", bounded(group)))
-        body += (attribute(_BODY_SIZE, size), self._process)
-        consumer = self._head(f"process {topic}", SpanKind.CONSUMER.value)
-        preprocess = child_context(ingest, ids.generate_span_id())
-        step = [self._step(PREPROCESS, job, camera), frame]
-        step += (attribute(_WIDTH, width), attribute(_HEIGHT, height))
-        return [
-            self._entry(ingest, parent, consumer, min(start, end), end, body),
-            self._entry(preprocess, ingest, self._preprocess, min(started, ended), ended, step),
-        ]
-
-    def _inferred(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
-        """Each frame's batch wait and inference spans: as `tracing.expand` builds them."""
-        _, batch, dispatched, batch_id, size, reason, frames = record
-        attribute = self._attribute
-        batch_attributes = attribute(BATCH_ID, batch_id)
-        waited = b"".join(
-            (batch_attributes, attribute(_BATCH_SIZE, size), attribute(_FLUSH_REASON, reason))
-        )
-        link = self._link(batch, {BATCH_ID: batch_id})
-        entry, step = self._entry, self._step
-        spans: list[bytes] = []
-        for parent, prepared, inferred, job, camera, frame_id, detections in frames:
-            frame = attribute(FRAME_ID, bounded(frame_id))
-            wait = child_context(parent, ids.generate_span_id())
-            done = child_context(parent, ids.generate_span_id())
-            found = attribute(_DETECTIONS, detections)
-            spans += (
-                entry(wait, parent, self._wait, min(prepared, dispatched), dispatched,
-                      [step(BATCH_WAIT, job, camera), frame, waited]),
-                entry(done, parent, self._inference, min(dispatched, inferred), inferred,
-                      [step(INFERENCE, job, camera), frame, batch_attributes, found, link]),
-            )  # fmt: skip
-        return spans
-
-    def _written(self, record: tuple[Any, ...], ids: Ids) -> list[bytes]:
-        """A sink batch's write spans and its `sink write batch` span: as `tracing.expand`
-        builds them. Batches with dead letters (whose writes carry attributes of their
-        own) or a failure go through `tracing.expand`."""
-        _, started, ended, destination, failure, writes = record
-        if failure is not None or any(w[8] is not None or w[9] is not None for w in writes):
-            return [self._span(span) for span in expand(record, ids)]
-        started = min(started, ended)
-        attribute, step, entry = self._attribute, self._step, self._entry
-        to = self._attributes((_DESTINATION, *destination.items()), lambda: destination)
-        head = self._head(SPAN_NAMES[SINK], SpanKind.PRODUCER.value)
-        spans: list[bytes] = []
-        for ctx, parent, job, camera, frame_id, batch_id, detections, outcome, _, _ in writes:
-            if sampled(ctx):
-                body = [step(SINK, job, camera), attribute(FRAME_ID, bounded(frame_id))]
-                body += (attribute(BATCH_ID, batch_id), attribute(_DETECTIONS, detections))
-                body += (attribute(_OUTCOME, outcome), to)
-                spans.append(entry(ctx, parent, head, started, ended, body))
-        batch = write_batch_span(started, ended, destination, None, writes, ids)
-        if batch is not None:
-            spans.append(self._span(batch))
-        return spans
-
-    def encode(self, records: Sequence[SpanRecord]) -> bytes:
-        """The serialised OTLP request that carries `records` (empty for none)."""
-        return self.request_of([self._span(record) for record in records])
-
-    def request_of(self, spans: Sequence[bytes]) -> bytes:
-        """The serialised OTLP request that carries `spans` entries (empty for none)."""
-        if not spans:
-            return b""
-        scope_spans = b"".join((self._scope_head, *spans, self._scope_tail))
-        resource_spans = b"".join(
-            (self._resource_head, _field(2, scope_spans), self._resource_tail)
-        )
-        return _field(1, resource_spans)
-
-    def request(self, records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
-        """The OTLP request that carries `records`, as a message."""
-        return ExportTraceServiceRequest.FromString(self.encode(records))
+        span.status.SetInParent()  # the SDK's encoder always writes a status
+        if status[0]:
+            span.status.code = status[0]  # type: ignore[assignment]
+        if status[1]:
+            span.status.message = status[1]
+        span.flags = _REMOTE if parent is not None and parent[4] else _LOCAL
 
 
-def _long_varint(value: int) -> bytes:
-    """`value` (>= 0) as a protobuf varint, built byte by byte."""
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+# Exporters --------------------------------------------------------------------------------
 
 
-_SHORT = 1 << 14
-_SHORT_VARINTS = tuple(_long_varint(value) for value in range(_SHORT))
-"""The varints of one and two bytes, by value: lengths in a span are these."""
-_TAGS = tuple(bytes((tag,)) for tag in range(256))
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value.strip() if value and value.strip() else None
 
 
-def _varint(value: int) -> bytes:
-    """`value` (>= 0) as a protobuf varint."""
-    return _SHORT_VARINTS[value] if value < _SHORT else _long_varint(value)
+def _traces_env(name: str) -> str | None:
+    """`OTEL_EXPORTER_OTLP_TRACES_<name>`, else `OTEL_EXPORTER_OTLP_<name>`."""
+    return _env(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or _env(f"OTEL_EXPORTER_OTLP_{name}")
 
 
-class SerializedRequest:
-    """An OTLP request already serialised, where an exporter expects the request message:
-    the OTLP HTTP exporter and `SerializedTraceStub` only ask it for its bytes."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-    def SerializeToString(self, **_: Any) -> bytes:
-        """The request's bytes."""
-        return self.payload
-
-    SerializePartialToString = SerializeToString
+def exporter_kind() -> str:
+    """The first exporter named by `OTEL_TRACES_EXPORTER` (default `otlp`), lower case."""
+    return (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
 
 
-class EncodedSpans(Sequence[Any]):
-    """An OTLP request already encoded (a message or a `SerializedRequest`), passed where
-    an exporter expects spans: its length is the number of spans; the OTLP exporters of
-    the export process send it as it is."""
-
-    def __init__(self, request: ExportTraceServiceRequest | SerializedRequest, count: int) -> None:
-        self.request = request
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: Any) -> Any:
-        raise TypeError("encoded spans cannot be indexed")
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(())
+def otlp_protocol() -> str:
+    """`OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`: `grpc` (the default) or `http/protobuf`."""
+    protocol = _traces_env("PROTOCOL") or "grpc"
+    if protocol not in ("grpc", "http/protobuf"):
+        raise ValueError(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
+    return protocol
 
 
-def _encoded_or_sdk(encode: Callable[[Sequence[Any]], Any]) -> Callable[[Sequence[Any]], Any]:
-    def encode_or_pass(spans: Sequence[Any]) -> Any:
-        return spans.request if isinstance(spans, EncodedSpans) else encode(spans)
-
-    return encode_or_pass
-
-
-GRPC_TRACE_MODULE = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
-HTTP_TRACE_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
-OTLP_TRACE_MODULES = (GRPC_TRACE_MODULE, HTTP_TRACE_MODULE)
-EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+def otlp_endpoint() -> tuple[str, int]:
+    """Host and port the OTLP exporter sends to (from the standard variables)."""
+    default = "http://localhost:4317" if otlp_protocol() == "grpc" else "http://localhost:4318"
+    endpoint = _traces_env("ENDPOINT") or default
+    parsed = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.hostname or "localhost", port
 
 
-def accept_encoded_spans(exporter: object) -> bool:
-    """Whether `exporter` can be handed `EncodedSpans`: an OTLP span exporter (gRPC or
-    HTTP), whose module's `encode_spans` is made to pass an encoded request through, or
-    an exporter that says so (`accepts_encoded`). Meant for the export process only;
-    only the module of the exporter in use is touched (no other exporter is imported)."""
-    if getattr(exporter, "accepts_encoded", False):
-        return True
-    module = sys.modules.get(type(exporter).__module__)
-    if module is None or module.__name__ not in OTLP_TRACE_MODULES:
+def reachable(address: tuple[str, int], timeout_s: float = 1.0) -> bool:
+    """Whether a TCP connection to `address` can be opened (a collector is listening)."""
+    try:
+        with socket.create_connection(address, timeout=timeout_s):
+            return True
+    except OSError:
         return False
-    current = getattr(module, "encode_spans", None)
-    if current is None:
-        return False
-    if getattr(current, "__name__", "") != "encode_or_pass":
-        module.encode_spans = _encoded_or_sdk(current)  # type: ignore[attr-defined]
-    return True
 
 
-def _serialized(request: Any) -> bytes:
-    data: bytes = request.SerializeToString()
-    return data
+class RequestExporter(SpanExporter):
+    """A span exporter that also sends OTLP requests already built (`export_request`):
+    what the export process hands it. SDK spans are encoded by the SDK's encoder."""
+
+    @abstractmethod
+    def export_request(self, request: ExportTraceServiceRequest) -> SpanExportResult:
+        """Send one OTLP export request."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Encode `spans` with the SDK's encoder and send them."""
+        return self.export_request(encode_spans(spans))
 
 
-class SerializedTraceStub:
-    """The OTLP trace service's client stub, whose serialiser also takes a
-    `SerializedRequest` (the generated stub's takes request messages only)."""
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
 
-    def __init__(self, channel: Any) -> None:
-        self.Export = channel.unary_unary(
-            EXPORT_METHOD,
-            request_serializer=_serialized,
-            response_deserializer=ExportTraceServiceResponse.FromString,
+
+class OtlpGrpcExporter(RequestExporter):
+    """Sends OTLP export requests over gRPC with opentelemetry-proto's generated
+    `TraceServiceStub`, configured as the SDK's OTLP/gRPC span exporter reads the
+    environment: `OTEL_EXPORTER_OTLP_(TRACES_)` `ENDPOINT`, `INSECURE` (else TLS unless the
+    endpoint is `http://`), `CERTIFICATE`, `CLIENT_KEY`, `CLIENT_CERTIFICATE`, `HEADERS`,
+    `COMPRESSION` (`gzip`) and `TIMEOUT` (seconds, as the SDK reads it; default 10).
+    A failed request is a failed export (no retries: `GuardedExporter` pauses)."""
+
+    def __init__(self) -> None:
+        import grpc
+        from opentelemetry.exporter.otlp.proto.grpc.exporter import environ_to_compression
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+            TraceServiceStub,
         )
 
+        endpoint = _traces_env("ENDPOINT") or "http://localhost:4317"
+        parsed = urlsplit(endpoint)
+        flag = _traces_env("INSECURE")
+        if parsed.scheme == "https":
+            insecure = False
+        elif flag is not None:
+            insecure = flag.lower() == "true"
+        else:
+            insecure = parsed.scheme == "http"
+        target = parsed.netloc or endpoint
+        compression = (
+            environ_to_compression("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
+            or environ_to_compression("OTEL_EXPORTER_OTLP_COMPRESSION")
+            or grpc.Compression.NoCompression
+        )
+        headers = _traces_env("HEADERS")
+        self.metadata = tuple(parse_env_headers(headers, liberal=True).items()) if headers else ()
+        self.timeout_s = float(_traces_env("TIMEOUT") or 10)
+        if insecure:
+            self.channel = grpc.insecure_channel(target, compression=compression)
+        else:
+            self.channel = grpc.secure_channel(target, self._credentials(), compression=compression)
+        self.stub = TraceServiceStub(self.channel)
 
-def sends_serialized(exporter: object) -> bool:
-    """Whether `exporter` (one that `accept_encoded_spans`) can be handed a
-    `SerializedRequest`: one that says so (`accepts_serialized`), the OTLP HTTP exporter
-    (which only serialises the request), or the OTLP gRPC exporter once its stub is a
-    `SerializedTraceStub` (done here, where its channel and stub are where this version of
-    the exporter keeps them). Otherwise the export process parses each request into a
-    message for it."""
-    if getattr(exporter, "accepts_serialized", False):
-        return True
-    module = type(exporter).__module__
-    if module == HTTP_TRACE_MODULE:
-        return True
-    if module != GRPC_TRACE_MODULE:
-        return False
-    channel = getattr(exporter, "_channel", None)
-    if channel is None or not hasattr(exporter, "_stub") or not hasattr(exporter, "_client"):
-        return False
-    exporter._stub = SerializedTraceStub  # type: ignore[attr-defined]  # on reconnection too
-    exporter._client = SerializedTraceStub(channel)  # type: ignore[attr-defined]
-    return True
+    @staticmethod
+    def _credentials() -> grpc.ChannelCredentials:
+        import grpc
+
+        for prefix in ("OTEL_EXPORTER_OTLP_TRACES_", "OTEL_EXPORTER_OTLP_"):
+            certificate = _env(prefix + "CERTIFICATE")
+            if certificate:
+                return grpc.ssl_channel_credentials(
+                    _read(certificate),
+                    _read(_env(prefix + "CLIENT_KEY")),
+                    _read(_env(prefix + "CLIENT_CERTIFICATE")),
+                )
+        return grpc.ssl_channel_credentials()
+
+    def export_request(self, request: ExportTraceServiceRequest) -> SpanExportResult:
+        import grpc
+
+        try:
+            self.stub.Export(request, metadata=self.metadata, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            log.debug("OTLP export failed: %s", code)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.channel.close()
 
 
-class EncodingExporter(SpanExporter):
-    """Serialises spans to an OTLP request as the OTLP exporters of the export process
-    do, then discards the bytes: the CPU cost of exporting without a collector (for
-    benchmarks: `setup_tracing(make_exporter=EncodingExporter)`)."""
-
-    accepts_encoded = True
-    accepts_serialized = True
+class EncodingExporter(RequestExporter):
+    """Serialises each request and discards the bytes: the CPU cost of exporting
+    without a collector (for benchmarks: `setup_tracing(make_exporter=EncodingExporter)`)."""
 
     def __init__(self) -> None:
         self.spans = 0
         self.bytes = 0
 
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        """Serialise `spans` (an `EncodedSpans` request or SDK spans) and drop them."""
-        request = spans.request if isinstance(spans, EncodedSpans) else encode_spans(spans)
-        self.bytes += len(request.SerializePartialToString())
-        self.spans += len(spans)
+    def export_request(self, request: ExportTraceServiceRequest) -> SpanExportResult:
+        self.bytes += len(request.SerializeToString())
+        self.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         """Nothing to release."""
 
 
+class GuardedExporter(SpanExporter):
+    """Wraps an exporter: never raises, logs the first failure once, and after a failure
+    drops batches for `cooldown_s` instead of waiting on retries."""
+
+    def __init__(
+        self,
+        inner: SpanExporter,
+        *,
+        cooldown_s: float = EXPORT_COOLDOWN_S,
+        probe: Callable[[], bool] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.cooldown_s = cooldown_s
+        self.probe = probe
+        self.failed_until = 0.0
+        self.failures = 0
+        self.exported = 0
+        self._warned = False
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last export failed less than `cooldown_s` ago."""
+        return time.monotonic() < self.failed_until
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return self._guarded(lambda: self.inner.export(spans), len(spans))
+
+    def export_request(self, request: ExportTraceServiceRequest, count: int) -> SpanExportResult:
+        """Send a request of `count` spans (the inner exporter is a `RequestExporter`)."""
+        inner = self.inner
+        if not isinstance(inner, RequestExporter):
+            raise TypeError(f"{type(inner).__name__} takes spans, not requests")
+        return self._guarded(lambda: inner.export_request(request), count)
+
+    def _guarded(self, send: Callable[[], SpanExportResult], count: int) -> SpanExportResult:
+        if self.failing:
+            self.failures += 1
+            return SpanExportResult.FAILURE
+        try:
+            if self.exported == 0 and self.probe is not None and not self.probe():
+                result = SpanExportResult.FAILURE
+            else:
+                result = send()
+        except Exception as exc:  # an exporter must never take the flow down
+            result = SpanExportResult.FAILURE
+            if not self._warned:
+                log.warning("trace export failed: %s", type(exc).__name__)
+        if result is SpanExportResult.SUCCESS:
+            self.exported += count
+            return result
+        self.failures += 1
+        self.failed_until = time.monotonic() + self.cooldown_s
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "spans could not be exported (no trace collector at OTEL_EXPORTER_OTLP_ENDPOINT?"
+                " OTEL_TRACES_EXPORTER=none turns tracing off); dropping spans for %.0f s after"
+                " each failure (further failures are not logged)",
+                self.cooldown_s,
+            )
+        return result
+
+    def shutdown(self) -> None:
+        try:
+            self.inner.shutdown()
+        except Exception:  # shutting down must not raise at exit
+            log.debug("span exporter shutdown failed", exc_info=True)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def otlp_exporter() -> SpanExporter:
+    """The OTLP exporter for `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`: `OtlpGrpcExporter`,
+    or the SDK's OTLP/HTTP exporter (which reads its environment itself)."""
+    if otlp_protocol() == "grpc":
+        return OtlpGrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+def environment_exporter() -> GuardedExporter:
+    """The exporter named by `OTEL_TRACES_EXPORTER` (OTLP or console), guarded."""
+    if exporter_kind() == "console":
+        return GuardedExporter(ConsoleSpanExporter())
+    return GuardedExporter(otlp_exporter(), probe=lambda: reachable(otlp_endpoint()))
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first warning of a logger through and hides the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.sdk._shared_internal",
+)
+"""Where the SDK's OTLP/HTTP exporter and batch span processor log each failed export
+(logger names only: a renamed module makes the log noisier, nothing else)."""
+
+
+def quiet_exporter_logs() -> None:
+    """Let the exporters' loggers print their first warning only."""
+    for name in _EXPORTER_LOGGERS:
+        logging.getLogger(name).addFilter(_OnceFilter())
+
+
 # The export process -----------------------------------------------------------------------
 
 
 def export_main() -> None:
-    """The export process: read the exporter factory and the resource, then batches of
-    span records, from stdin (pickles written by `ExportProcess`), export them, and at
-    the end of input write what was exported as JSON to the file descriptor in argv[1]."""
+    """The export process: read the exporter factory, the resource and the scope, then
+    batches of records, from stdin (pickles written by `ExportProcess`), export their
+    spans, and at the end of input write what was exported as JSON to the file descriptor
+    in argv[1]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     quiet_exporter_logs()
     source = sys.stdin.buffer
-    make_exporter, attributes, schema_url = pickle.load(source)
+    make_exporter, attributes, schema_url, (name, version, scope_schema) = pickle.load(source)
     made = make_exporter() if make_exporter is not None else environment_exporter()
     exporter = made if isinstance(made, GuardedExporter) else GuardedExporter(made)
     resource = Resource(attributes, schema_url)
-    scope = InstrumentationScope(SCOPE, SERVICE_VERSION)
-    encoder: RecordEncoder | None = None
-    if accept_encoded_spans(exporter.inner):
-        encoder = RecordEncoder(resource, scope)
-    serialized = encoder is not None and sends_serialized(exporter.inner)
+    scope = InstrumentationScope(name, version, scope_schema)
+    encoder = None
+    if isinstance(exporter.inner, RequestExporter):
+        encoder = RequestEncoder(resource, scope)
     ids = RandomIdGenerator()
     report = os.fdopen(int(sys.argv[1]), "w")
     report.write(READY + "\n")  # the exporter is built: spans can flow
@@ -642,32 +554,17 @@ def export_main() -> None:
     received = 0
     while True:
         try:
-            batch = pickle.load(source)
+            batch: list[Record] = pickle.load(source)
         except (EOFError, pickle.UnpicklingError):
             break
-        if encoder is None:
-            records: list[SpanRecord] = []
-            for record in batch:
-                is_compact = type(record[0]) is int  # a compact record of several spans
-                records += expand(record, ids) if is_compact else [record]
-            received += len(records)
-            for start in range(0, len(records), EXPORT_BATCH):
-                chunk = records[start : start + EXPORT_BATCH]
-                exporter.export([readable_span(r, resource, scope) for r in chunk])
-            continue
-        spans: list[bytes] = []
-        for record in batch:
-            spans += encoder.spans(record, ids)
+        spans = [span for record in batch for span in record.spans(ids)]
         received += len(spans)
         for start in range(0, len(spans), EXPORT_BATCH):
             chunk = spans[start : start + EXPORT_BATCH]
-            payload = encoder.request_of(chunk)
-            request = (
-                SerializedRequest(payload)
-                if serialized
-                else ExportTraceServiceRequest.FromString(payload)
-            )
-            exporter.export(EncodedSpans(request, len(chunk)))
+            if encoder is not None:
+                exporter.export_request(encoder.request(chunk), len(chunk))
+            else:
+                exporter.export([readable_span(r, resource, scope) for r in chunk])
     exporter.shutdown()
     stats = {"received": received, "exported": exporter.exported, "failures": exporter.failures}
     with suppress(OSError), report:  # a parent gone without reading it is no error
@@ -675,19 +572,21 @@ def export_main() -> None:
 
 
 class ExportProcess(SpanProcessor):
-    """A span processor that exports from a child process: finished spans become plain
-    records, gathered into batches of `batch_size` (or whatever has gathered after
-    `interval_s`, default `OTEL_BSP_SCHEDULE_DELAY` or 1 s) and piped to a Python process
-    that builds the exporter (`make_exporter`, an importable callable; default: from the
-    `OTEL_*` environment) and exports them. At most `max_batches` wait to be piped; beyond
-    that batches are dropped (counted, logged once), so tracing never holds the flow back.
-    The child ends when its input closes, also when this process dies."""
+    """A span processor that exports from a child process: records (`on_record`; the
+    SDK's finished spans become records) are gathered into batches of `batch_size` (or
+    whatever has gathered after `interval_s`, default `OTEL_BSP_SCHEDULE_DELAY` or 1 s) and
+    piped to a Python process that builds the exporter (`make_exporter`, an importable
+    callable; default: from the `OTEL_*` environment) and exports their spans under
+    `resource` and `scope`. At most `max_batches` wait to be piped; beyond that batches are
+    dropped (counted, logged once), so tracing never holds the flow back. The child ends
+    when its input closes, also when this process dies."""
 
     def __init__(
         self,
         resource: Resource,
         make_exporter: Callable[[], SpanExporter] | None = None,
         *,
+        scope: InstrumentationScope | None = None,
         batch_size: int = 256,
         interval_s: float | None = None,
         max_batches: int = 256,
@@ -697,10 +596,10 @@ class ExportProcess(SpanProcessor):
         self.batch_size = batch_size
         self.dropped = 0
         self.stats: dict[str, int] | None = None
-        self._buffer: list[SpanRecord] = []
+        self._buffer: list[Record] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._pending: queue.Queue[list[SpanRecord] | None] = queue.Queue(max_batches)
+        self._pending: queue.Queue[list[Record] | None] = queue.Queue(max_batches)
         stats_read, stats_write = os.pipe()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -722,7 +621,13 @@ class ExportProcess(SpanProcessor):
         os.close(stats_write)
         self._report = os.fdopen(stats_read, "r")
         self._ready = False
-        self._header = (make_exporter, dict(resource.attributes), resource.schema_url)
+        scope = scope or InstrumentationScope("streamsight")
+        self._header = (
+            make_exporter,
+            dict(resource.attributes),
+            resource.schema_url,
+            (scope.name, scope.version, scope.schema_url),
+        )
         self._writer = threading.Thread(target=self._write, name="span-export-pipe", daemon=True)
         self._writer.start()
         self._timer = threading.Thread(target=self._tick, name="span-export-timer", daemon=True)
@@ -732,8 +637,8 @@ class ExportProcess(SpanProcessor):
         if span.context.trace_flags.sampled:
             self.on_record(span_record(span))
 
-    def on_record(self, record: SpanRecord) -> None:
-        """Queue a sampled span's record for export."""
+    def on_record(self, record: Record) -> None:
+        """Queue a record of sampled spans for export."""
         if self._stop.is_set():
             return
         with self._lock:
@@ -761,7 +666,7 @@ class ExportProcess(SpanProcessor):
             while (batch := self._pending.get()) is not None:
                 pickle.dump(batch, pipe, protocol=pickle.HIGHEST_PROTOCOL)
                 pipe.flush()
-        except (OSError, ValueError, pickle.PicklingError) as exc:
+        except (OSError, ValueError, TypeError, pickle.PicklingError) as exc:
             name = type(exc).__name__
             log.warning("the span export process stopped (%s): spans are dropped", name)
             self._stop.set()

@@ -26,44 +26,50 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
-from typing import Any, Protocol
-from urllib.parse import quote_plus, urlsplit
+from functools import lru_cache
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import quote_plus
 
 from opentelemetry import baggage
 from opentelemetry import trace as otel_trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
     Decision,
     ParentBased,
     Sampler,
     SamplingResult,
+    TraceIdRatioBased,
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import (
-    DEFAULT_TRACE_STATE,
-    Link,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    TraceState,
-)
+from opentelemetry.trace import Link, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from operators import contract
 from operators.frames import DeadLetter, FrameBatch, FrameMeta, FrameResult, PreparedFrame, RawFrame
+from operators.telemetry.span_export import (
+    FLUSH_TIMEOUT_S,
+    UNSET_STATUS,
+    Attributes,
+    Ctx,
+    ExportProcess,
+    GuardedExporter,
+    Ids,
+    SpanLink,
+    SpanRecord,
+    context_record,
+    exporter_kind,
+    otlp_protocol,
+    quiet_exporter_logs,
+    readable_span,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +77,6 @@ SERVICE_NAME = "streamsight"
 SERVICE_VERSION = "0.1.0"
 SCOPE = "streamsight"
 MESSAGING_SYSTEM = "kafka"
-FLUSH_TIMEOUT_S = 5.0
-"""Longest the flush at shutdown may take (a missing collector must not hang the exit)."""
-EXPORT_COOLDOWN_S = 30.0
-"""After a failed export, batches are dropped for this long instead of retried."""
 MAX_ATTRIBUTE_LENGTH = 256
 MAX_LISTED_IDS = 8
 
@@ -103,7 +105,6 @@ FRAME_ID = "streamsight.frame.id"
 BATCH_ID = "streamsight.batch.id"
 
 PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
-Attributes = dict[str, str | int | float | bool]
 
 
 def _truthy(value: str | None) -> bool:
@@ -130,92 +131,6 @@ def joined(values: Sequence[str]) -> str:
 
 
 # Setup ------------------------------------------------------------------------------------
-
-
-class _OnceFilter(logging.Filter):
-    """Lets the first warning of a logger through and hides the rest."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        if self.seen:
-            return False
-        self.seen = True
-        return True
-
-
-_EXPORTER_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http._common",
-    "opentelemetry.sdk._shared_internal",
-)
-
-
-class GuardedExporter(SpanExporter):
-    """Wraps an exporter: never raises, logs the first failure once, and after a failure
-    drops batches for `cooldown_s` instead of waiting on retries."""
-
-    def __init__(
-        self,
-        inner: SpanExporter,
-        *,
-        cooldown_s: float = EXPORT_COOLDOWN_S,
-        probe: Callable[[], bool] | None = None,
-    ) -> None:
-        self.inner = inner
-        self.cooldown_s = cooldown_s
-        self.probe = probe
-        self.failed_until = 0.0
-        self.failures = 0
-        self.exported = 0
-        self._warned = False
-
-    @property
-    def failing(self) -> bool:
-        """Whether the last export failed less than `cooldown_s` ago."""
-        return time.monotonic() < self.failed_until
-
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        if self.failing:
-            self.failures += 1
-            return SpanExportResult.FAILURE
-        try:
-            if self.exported == 0 and self.probe is not None and not self.probe():
-                result = SpanExportResult.FAILURE
-            else:
-                result = self.inner.export(spans)
-        except Exception as exc:  # an exporter must never take the flow down
-            result = SpanExportResult.FAILURE
-            if not self._warned:
-                log.warning("trace export failed: %s", type(exc).__name__)
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-            return result
-        self.failures += 1
-        self.failed_until = time.monotonic() + self.cooldown_s
-        if not self._warned:
-            self._warned = True
-            log.warning(
-                "spans could not be exported (no trace collector at OTEL_EXPORTER_OTLP_ENDPOINT?"
-                " OTEL_TRACES_EXPORTER=none turns tracing off); dropping spans for %.0f s after"
-                " each failure (further failures are not logged)",
-                self.cooldown_s,
-            )
-        return result
-
-    def shutdown(self) -> None:
-        try:
-            self.inner.shutdown()
-        except Exception:  # shutting down must not raise at exit
-            log.debug("span exporter shutdown failed", exc_info=True)
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return True
 
 
 class LinkAwareSampler(Sampler):
@@ -247,12 +162,31 @@ class LinkAwareSampler(Sampler):
         return f"LinkAware{{{self.root.get_description()}}}"
 
 
+def root_sampler() -> Sampler:
+    """The sampler for traces that start here, named by `OTEL_TRACES_SAMPLER` and
+    `OTEL_TRACES_SAMPLER_ARG` as the SDK reads them (`always_on`, the default,
+    `always_off` or `traceidratio`, each also with `parentbased_`), built from the SDK's
+    public samplers; an unknown name or a bad ratio is logged and samples everything."""
+    name = (_env(OTEL_TRACES_SAMPLER) or "parentbased_always_on").lower()
+    root = name.removeprefix("parentbased_")
+    if root == "always_on":
+        return ALWAYS_ON
+    if root == "always_off":
+        return ALWAYS_OFF
+    if root == "traceidratio":
+        try:
+            return TraceIdRatioBased(float(_env(OTEL_TRACES_SAMPLER_ARG) or ""))
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1: sampling all")
+            return TraceIdRatioBased(1.0)
+    log.warning("unknown OTEL_TRACES_SAMPLER %r: sampling every trace", name)
+    return ALWAYS_ON
+
+
 def parent_based_sampler() -> Sampler:
-    """The sampler named by `OTEL_TRACES_SAMPLER(_ARG)` (parsed by the SDK), made
-    parent-based so that a frame's trace is kept or dropped whole."""
-    configured = TracerProvider(shutdown_on_exit=False).sampler
-    root = getattr(configured, "_root", None) if isinstance(configured, ParentBased) else None
-    return ParentBased(LinkAwareSampler(root if root is not None else configured))
+    """The configured sampler (`root_sampler`) made parent-based, so that a frame's trace
+    is kept or dropped whole."""
+    return ParentBased(LinkAwareSampler(root_sampler()))
 
 
 def bytewax_process_id(argv: Sequence[str] | None = None) -> str | None:
@@ -296,69 +230,6 @@ def build_resource(default_service: str = SERVICE_NAME) -> Resource:
         if _env("BYTEWAX_STATEFULSET_NAME"):
             attributes["k8s.statefulset.name"] = _env("BYTEWAX_STATEFULSET_NAME") or ""
     return Resource.create(attributes).merge(OTELResourceDetector().detect())
-
-
-def otlp_exporter() -> SpanExporter:
-    """The OTLP exporter for `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`; endpoint, headers,
-    certificate, compression and timeout are read from the environment by the exporter."""
-    protocol = (
-        _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    )
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPSpanExporter,
-        )
-
-        return HTTPSpanExporter()
-    raise ValueError(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
-
-
-def otlp_endpoint() -> tuple[str, int]:
-    """Host and port the OTLP exporter sends to (from the standard variables)."""
-    protocol = (
-        _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    )
-    default = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318"
-    endpoint = (
-        _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT") or default
-    )
-    if "://" not in endpoint:
-        endpoint = "http://" + endpoint
-    parsed = urlsplit(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    return parsed.hostname or "localhost", port
-
-
-def reachable(address: tuple[str, int], timeout_s: float = 1.0) -> bool:
-    """Whether a TCP connection to `address` can be opened (a collector is listening)."""
-    try:
-        with socket.create_connection(address, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _exporter_kind() -> str:
-    """The first exporter named by `OTEL_TRACES_EXPORTER` (default `otlp`), lower case."""
-    return (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
-
-
-def environment_exporter() -> GuardedExporter:
-    """The exporter named by `OTEL_TRACES_EXPORTER` (OTLP or console), guarded."""
-    kind = _exporter_kind()
-    if kind == "console":
-        return GuardedExporter(ConsoleSpanExporter())
-    return GuardedExporter(otlp_exporter(), probe=partial(reachable, otlp_endpoint()))
-
-
-def quiet_exporter_logs() -> None:
-    """Let the exporters' loggers print their first warning only."""
-    for name in _EXPORTER_LOGGERS:
-        logging.getLogger(name).addFilter(_OnceFilter())
 
 
 @dataclass
@@ -433,24 +304,23 @@ def setup_tracing(
     """
     if _truthy(os.environ.get("OTEL_SDK_DISABLED")):
         return Tracing.disabled()
-    kind = _exporter_kind()
+    kind = exporter_kind()
     if kind not in ("otlp", "console", "none"):
         raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {kind!r}: use otlp, console, none")
     if kind == "none" and exporter is None and make_exporter is None:
         return Tracing.disabled()
     if kind == "otlp" and exporter is None and make_exporter is None:
-        otlp_exporter().shutdown()  # an unsupported protocol fails here, not in the child
+        otlp_protocol()  # an unsupported protocol fails here, not in the child
     quiet_exporter_logs()
     resource = build_resource(service_name)
+    scope = InstrumentationScope(SCOPE, SERVICE_VERSION)
     guarded: GuardedExporter | None = None
     span_processor: SpanProcessor
     if exporter is not None:
         guarded = GuardedExporter(exporter)
         span_processor = processor(guarded)
     else:
-        from operators.telemetry.span_export import ExportProcess
-
-        span_processor = ExportProcess(resource, make_exporter)
+        span_processor = ExportProcess(resource, make_exporter, scope=scope)
     provider = TracerProvider(
         resource=resource,
         sampler=parent_based_sampler(),
@@ -463,7 +333,7 @@ def setup_tracing(
         provider=provider,
         processor=span_processor,
         exporter=guarded,
-        recorder=SpanRecorder(provider, span_processor),
+        recorder=SpanRecorder(provider, span_processor, scope),
     )
     if flush_at_exit:
         atexit.register(tracing.flush)
@@ -474,52 +344,6 @@ def setup_tracing(
 
 Error = tuple[str, str]
 """A failed step: the reason (`error.type`) and a detail for the status message."""
-
-
-Ctx = tuple[int, int, int, str, bool]
-"""A span context as plain values: trace id, span id, trace flags, trace state header,
-whether it came from a carrier (remote). The recorder's currency: cheaper than the SDK's
-`SpanContext`, and what the export process receives."""
-SpanLink = tuple[Ctx, Attributes]
-"""A link to another span: its context and the link's attributes."""
-SpanRecord = tuple[Any, ...]
-"""A finished span as plain values (pickled at C speed): name, kind, start, end, context,
-parent context (or None), attributes, links as (context, attributes), status as (code,
-description)."""
-_UNSET_STATUS = (StatusCode.UNSET.value, None)
-
-
-def context_record(context: SpanContext) -> Ctx:
-    """The plain-values form of an SDK span context."""
-    state = context.trace_state.to_header() if context.trace_state else ""
-    return (context.trace_id, context.span_id, int(context.trace_flags), state, context.is_remote)
-
-
-def span_context(ctx: Ctx) -> SpanContext:
-    """The SDK span context of plain values."""
-    trace_id, span_id, flags, state, remote = ctx
-    trace_state = TraceState.from_header([state]) if state else DEFAULT_TRACE_STATE
-    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), trace_state)
-
-
-def readable_span(
-    record: SpanRecord, resource: Resource, scope: InstrumentationScope
-) -> ReadableSpan:
-    """The SDK span of a record (for exporters other than OTLP)."""
-    name, kind, start, end, context, parent, attributes, links, (code, description) = record
-    return ReadableSpan(
-        name=name,
-        context=span_context(context),
-        parent=span_context(parent) if parent is not None else None,
-        resource=resource,
-        attributes=attributes,
-        links=tuple(Link(span_context(c), a) for c, a in links),
-        kind=SpanKind(kind),
-        status=Status(StatusCode(code), description),
-        start_time=start,
-        end_time=end,
-        instrumentation_scope=scope,
-    )
 
 
 def sampled(ctx: Ctx | None) -> bool:
@@ -535,7 +359,7 @@ def child_context(parent: Ctx, span_id: int) -> Ctx:
 def _status(attributes: Attributes, error: Error | None) -> tuple[int, str | None]:
     """The status of a span (error status and `error.type` for an `error`)."""
     if error is None:
-        return _UNSET_STATUS
+        return UNSET_STATUS
     reason, detail = error
     attributes["error.type"] = bounded(reason)
     return StatusCode.ERROR.value, bounded(f"{reason}: {detail}" if detail else reason)
@@ -543,12 +367,12 @@ def _status(attributes: Attributes, error: Error | None) -> tuple[int, str | Non
 
 class SpanRecorder:
     """Writes spans whose start and end are known once they are written, as every span of
-    a frame is: each becomes a finished `ReadableSpan` handed straight to the span
-    processor, without the SDK's live-span bookkeeping (context, locks, re-validation of
+    a frame is: each becomes a finished span handed straight to the span processor,
+    without the SDK's live-span bookkeeping (context, locks, re-validation of
     attributes), which costs about five times as much per span. A processor with an
-    `on_record` method (`ExportProcess`) gets the span as a plain record (`SpanRecord`)
-    instead, without any SDK object at all, and the spans of a frame's stages as one
-    compact record (`compact`), expanded into spans in the export process.
+    `on_record` method (`ExportProcess`) gets the span as a record (`SpanRecord`) instead,
+    without any SDK object at all, and the spans of a frame's stages as one compact record
+    (`PreparedSpans`, `InferredSpans`, `WrittenSpans`), which the export process expands.
 
     Sampling follows the provider's parent-based sampler: a child takes its parent's
     sampled flag, a span with links is sampled when one of them is (`LinkAwareSampler`),
@@ -556,15 +380,18 @@ class SpanRecorder:
     the SDK's span limits are not applied here.
     """
 
-    def __init__(self, provider: TracerProvider, processor: SpanProcessor) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider,
+        processor: SpanProcessor,
+        scope: InstrumentationScope | None = None,
+    ) -> None:
         self.sampler = provider.sampler
         self.ids = provider.id_generator
         self.resource = provider.resource
-        self.scope = InstrumentationScope(SCOPE, SERVICE_VERSION)
+        self.scope = scope or InstrumentationScope(SCOPE, SERVICE_VERSION)
         self.processor = processor
-        self.on_record: Callable[[tuple[Any, ...]], None] | None = getattr(
-            processor, "on_record", None
-        )
+        self.on_record: Callable[[Any], None] | None = getattr(processor, "on_record", None)
 
     def context(
         self,
@@ -607,17 +434,19 @@ class SpanRecorder:
         if not sampled(context):
             return context
         status = _status(attributes, error)
-        record = (name, kind.value, min(start_ns, end_ns), end_ns, context, parent)
-        self._write((*record, attributes, links, status))
+        start = min(start_ns, end_ns)
+        self._write(
+            SpanRecord(name, kind.value, start, end_ns, context, parent, attributes, links, status)
+        )
         return context
 
-    def compact(self, record: tuple[Any, ...]) -> None:
-        """Write the spans of a compact record (see `expand`): as it is to a processor
-        that takes records, else expanded here."""
+    def compact(self, record: PreparedSpans | InferredSpans | WrittenSpans) -> None:
+        """Write the spans of a compact record: as it is to a processor that takes
+        records, else expanded here."""
         if self.on_record is not None:
             self.on_record(record)
             return
-        for span in expand(record, self.ids):
+        for span in record.spans(self.ids):
             self._write(span)
 
     def _write(self, record: SpanRecord) -> None:
@@ -628,149 +457,195 @@ class SpanRecorder:
 
 
 # Compact records --------------------------------------------------------------------------
-# The spans of a frame's stages as tuples of the values they are made of, without attribute
-# dicts or span ids that nothing refers to: the flow builds and pipes one record per frame
-# (or per batch) instead of several spans, and the export process builds the spans.
-
-PREPARED = 1
-"""(PREPARED, ingest context, its parent or None, ingest start, ingest end, preprocess
-start, preprocess end, topic, partition, offset, consumer group or None, message size,
-job, camera, frame id, seq or None, width, height): a prepared frame's ingest and
-preprocess spans."""
-INFERRED = 2
-"""(INFERRED, inference batch context, dispatched, batch id, batch size, flush reason,
-frames), each frame (parent context, prepared, inferred, job, camera, frame id,
-detections): each frame's batch wait and inference spans."""
-WRITTEN = 3
-"""(WRITTEN, start, end, destination attributes, failure type or None, writes), each
-write (context, parent or None, job, camera, frame id, batch id, detections, outcome,
-error or None, the attributes of a dead letter's write or None): each write's sink-write
-span and the `sink write batch` span linked to them."""
+# The spans of a frame's stages as the values they are made of, without attribute dicts or
+# span ids that nothing refers to: the flow builds and pipes one record per frame (or per
+# batch) instead of several spans, and the export process builds the spans (`spans`). These
+# and `SpanRecord` are the only places where spans' fields are laid out.
 
 
-class Ids(Protocol):
-    """Makes span and trace ids (the SDK's id generators are)."""
+class PreparedSpans(NamedTuple):
+    """A decoded frame's ingest (CONSUMER) and preprocess spans."""
 
-    def generate_span_id(self) -> int: ...
+    ingest: Ctx
+    parent: Ctx | None
+    """The context in the message's headers (the camera's send span), if any."""
+    start: int
+    end: int
+    started: int
+    """Preprocess start and end."""
+    ended: int
+    topic: str
+    partition: int
+    offset: int
+    group: str | None
+    size: int
+    job: str
+    camera: str
+    frame_id: str
+    seq: int | None
+    width: int
+    height: int
 
-    def generate_trace_id(self) -> int: ...
-
-
-def expand(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
-    """The spans of a compact record; `ids` makes the span ids it leaves out."""
-    if record[0] == PREPARED:
-        return _prepared_spans(record, ids)
-    if record[0] == INFERRED:
-        return _inferred_spans(record, ids)
-    if record[0] == WRITTEN:
-        return _written_spans(record, ids)
-    raise ValueError(f"unknown compact span record {record[0]!r}")
-
-
-def _prepared_spans(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
-    (_, ingest, parent, start, end, started, ended, topic, partition, offset, group, size,
-     job, camera, frame_id, seq, width, height) = record  # fmt: skip
-    attributes = _frame_step(INGEST, job, camera, frame_id)
-    if seq is not None:
-        attributes["streamsight.frame.seq"] = seq
-    attributes.update(source_attributes(topic, partition, offset, group))
-    attributes["messaging.message.body.size"] = size
-    step = _frame_step(PREPROCESS, job, camera, frame_id)
-    step["streamsight.frame.width"] = width
-    step["streamsight.frame.height"] = height
-    preprocess = child_context(ingest, ids.generate_span_id())
-    return [
-        (f"process {topic}", SpanKind.CONSUMER.value, min(start, end), end, ingest, parent,
-         _ingest_attributes(attributes), (), _UNSET_STATUS),
-        (SPAN_NAMES[PREPROCESS], SpanKind.INTERNAL.value, min(started, ended), ended,
-         preprocess, ingest, step, (), _UNSET_STATUS),
-    ]  # fmt: skip
-
-
-def _inferred_spans(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
-    _, batch, dispatched, batch_id, size, reason, frames = record
-    link: list[SpanLink] = [(batch, {BATCH_ID: batch_id})]
-    internal = SpanKind.INTERNAL.value
-    spans: list[SpanRecord] = []
-    for parent, prepared, inferred, job, camera, frame_id, detections in frames:
-        wait = _frame_step(BATCH_WAIT, job, camera, frame_id)
-        wait[BATCH_ID] = batch_id
-        wait["streamsight.batch.size"] = size
-        wait["streamsight.batch.flush_reason"] = reason
-        done = _frame_step(INFERENCE, job, camera, frame_id)
-        done[BATCH_ID] = batch_id
-        done["streamsight.detections"] = detections
-        spans += [
-            (SPAN_NAMES[BATCH_WAIT], internal, min(prepared, dispatched), dispatched,
-             child_context(parent, ids.generate_span_id()), parent, wait, (), _UNSET_STATUS),
-            (SPAN_NAMES[INFERENCE], internal, min(dispatched, inferred), inferred,
-             child_context(parent, ids.generate_span_id()), parent, done, link, _UNSET_STATUS),
+    def spans(self, ids: Ids) -> list[SpanRecord]:
+        """The two spans; `ids` makes the preprocess span's id."""
+        attributes = _frame_step(INGEST, self.job, self.camera, self.frame_id)
+        if self.seq is not None:
+            attributes["streamsight.frame.seq"] = self.seq
+        attributes.update(source_attributes(self.topic, self.partition, self.offset, self.group))
+        attributes["messaging.message.body.size"] = self.size
+        step = _frame_step(PREPROCESS, self.job, self.camera, self.frame_id)
+        step["streamsight.frame.width"] = self.width
+        step["streamsight.frame.height"] = self.height
+        preprocess = child_context(self.ingest, ids.generate_span_id())
+        consumer, internal = SpanKind.CONSUMER.value, SpanKind.INTERNAL.value
+        return [
+            SpanRecord(
+                f"process {self.topic}", consumer, min(self.start, self.end), self.end,
+                self.ingest, self.parent, _ingest_attributes(attributes), (), UNSET_STATUS,
+            ),
+            SpanRecord(
+                SPAN_NAMES[PREPROCESS], internal, min(self.started, self.ended), self.ended,
+                preprocess, self.ingest, step, (), UNSET_STATUS,
+            ),
         ]  # fmt: skip
-    return spans
 
 
-def _written_spans(record: tuple[Any, ...], ids: Ids) -> list[SpanRecord]:
-    _, started, ended, destination, failure, writes = record
-    started = min(started, ended)
-    producer = SpanKind.PRODUCER.value
-    failed: Error | None = ("sink_error", failure) if failure is not None else None
-    spans: list[SpanRecord] = []
-    for ctx, parent, job, camera, frame_id, batch_id, detections, outcome, error, extra in writes:
-        if not sampled(ctx):
-            continue
-        if extra is None:
-            attributes = _frame_step(SINK, job, camera, frame_id)
-            attributes[BATCH_ID] = batch_id
-            attributes["streamsight.detections"] = detections
-        else:
-            attributes = dict(extra)
-        attributes["streamsight.sink.outcome"] = outcome
-        if outcome == "dead_letter" and error is not None:
-            attributes["streamsight.dead_letter.reason"] = error[0]
-        attributes.update(destination)
-        status = _status(attributes, failed or error)
-        spans.append(
-            (SPAN_NAMES[SINK], producer, started, ended, ctx, parent, attributes, (), status)
-        )
-    batch = write_batch_span(started, ended, destination, failed, writes, ids)
-    if batch is not None:
-        spans.append(batch)
-    return spans
+class InferredFrame(NamedTuple):
+    """One frame of an `InferredSpans` record."""
+
+    parent: Ctx
+    """The frame's ingest span."""
+    prepared: int
+    inferred: int
+    job: str
+    camera: str
+    frame_id: str
+    detections: int
 
 
-def write_batch_span(
-    started: int,
-    ended: int,
-    destination: Attributes,
-    failed: Error | None,
-    writes: Sequence[tuple[Any, ...]],
-    ids: Ids,
-) -> SpanRecord | None:
-    """The `sink write batch` span of a WRITTEN record's `writes`, linked to each
-    frame's span before the sink; None when none of those is sampled."""
-    links: list[SpanLink] = []
-    jobs: list[str] = []
-    cameras: list[str] = []
-    for _, parent, job, camera, frame_id, *_ in writes:
-        jobs.append(job)
-        cameras.append(bounded(camera))
-        if parent is not None:
-            links.append((parent, {FRAME_ID: bounded(frame_id) if frame_id else ""}))
-    if not any(sampled(link) for link, _ in links):
-        return None
-    attributes = {
-        STAGE: SINK,
-        SCOPE_ATTR: "batch",
-        JOB_ID: joined(jobs),
-        CAMERA: joined(cameras),
-        "messaging.batch.message_count": len(writes),
-        **destination,
-    }
-    trace_id, span_id = ids.generate_trace_id(), ids.generate_span_id()
-    context = (trace_id, span_id, int(TraceFlags.SAMPLED), "", False)
-    status = _status(attributes, failed)
-    return (SINK_BATCH_SPAN, SpanKind.PRODUCER.value, started, ended, context, None, attributes,
-            links, status)  # fmt: skip
+class InferredSpans(NamedTuple):
+    """The batch wait and inference spans of each frame of a batch."""
+
+    batch: Ctx
+    """The `inference batch` span, which each inference span links to."""
+    dispatched: int
+    batch_id: str
+    size: int
+    reason: str
+    frames: list[InferredFrame]
+
+    def spans(self, ids: Ids) -> list[SpanRecord]:
+        """Two spans per frame; `ids` makes their ids."""
+        dispatched, batch_id = self.dispatched, self.batch_id
+        link: list[SpanLink] = [(self.batch, {BATCH_ID: batch_id})]
+        internal = SpanKind.INTERNAL.value
+        spans: list[SpanRecord] = []
+        for parent, prepared, inferred, job, camera, frame_id, detections in self.frames:
+            wait = _frame_step(BATCH_WAIT, job, camera, frame_id)
+            wait[BATCH_ID] = batch_id
+            wait["streamsight.batch.size"] = self.size
+            wait["streamsight.batch.flush_reason"] = self.reason
+            done = _frame_step(INFERENCE, job, camera, frame_id)
+            done[BATCH_ID] = batch_id
+            done["streamsight.detections"] = detections
+            spans += [
+                SpanRecord(
+                    SPAN_NAMES[BATCH_WAIT], internal, min(prepared, dispatched), dispatched,
+                    child_context(parent, ids.generate_span_id()), parent, wait, (),
+                    UNSET_STATUS,
+                ),
+                SpanRecord(
+                    SPAN_NAMES[INFERENCE], internal, min(dispatched, inferred), inferred,
+                    child_context(parent, ids.generate_span_id()), parent, done, link,
+                    UNSET_STATUS,
+                ),
+            ]  # fmt: skip
+        return spans
+
+
+class SinkWrite(NamedTuple):
+    """One item of a `WrittenSpans` record."""
+
+    context: Ctx
+    """Its sink-write span's context."""
+    parent: Ctx | None
+    job: str
+    camera: str
+    frame_id: str
+    batch_id: str
+    detections: int
+    outcome: str
+    error: Error | None
+    letter: Attributes | None
+    """The attributes of a dead letter's write (None for a frame's result)."""
+
+
+class WrittenSpans(NamedTuple):
+    """A write batch's `sink write` spans and the `sink write batch` span linked to them."""
+
+    started: int
+    ended: int
+    destination: Attributes
+    failure: str | None
+    """The exception type when the whole write failed."""
+    writes: list[SinkWrite]
+
+    def spans(self, ids: Ids) -> list[SpanRecord]:
+        """One span per sampled write, and the batch span; `ids` makes its ids."""
+        started = min(self.started, self.ended)
+        producer = SpanKind.PRODUCER.value
+        failed: Error | None = ("sink_error", self.failure) if self.failure is not None else None
+        spans: list[SpanRecord] = []
+        for write in self.writes:
+            if not sampled(write.context):
+                continue
+            if write.letter is None:
+                attributes = _frame_step(SINK, write.job, write.camera, write.frame_id)
+                attributes[BATCH_ID] = write.batch_id
+                attributes["streamsight.detections"] = write.detections
+            else:
+                attributes = dict(write.letter)
+            attributes["streamsight.sink.outcome"] = write.outcome
+            if write.outcome == "dead_letter" and write.error is not None:
+                attributes["streamsight.dead_letter.reason"] = write.error[0]
+            attributes.update(self.destination)
+            status = _status(attributes, failed or write.error)
+            spans.append(
+                SpanRecord(
+                    SPAN_NAMES[SINK], producer, started, self.ended, write.context, write.parent,
+                    attributes, (), status,
+                )
+            )  # fmt: skip
+        batch = self._batch_span(started, failed, ids)
+        if batch is not None:
+            spans.append(batch)
+        return spans
+
+    def _batch_span(self, started: int, failed: Error | None, ids: Ids) -> SpanRecord | None:
+        """The `sink write batch` span, linked to each frame's span before the sink;
+        None when none of those is sampled."""
+        links: list[SpanLink] = []
+        for write in self.writes:
+            if write.parent is not None:
+                frame_id = bounded(write.frame_id) if write.frame_id else ""
+                links.append((write.parent, {FRAME_ID: frame_id}))
+        if not any(sampled(link) for link, _ in links):
+            return None
+        attributes: Attributes = {
+            STAGE: SINK,
+            SCOPE_ATTR: "batch",
+            JOB_ID: joined([w.job for w in self.writes]),
+            CAMERA: joined([bounded(w.camera) for w in self.writes]),
+            "messaging.batch.message_count": len(self.writes),
+            **self.destination,
+        }
+        sampled_flag = int(TraceFlags.SAMPLED)
+        context = (ids.generate_trace_id(), ids.generate_span_id(), sampled_flag, "", False)
+        status = _status(attributes, failed)
+        return SpanRecord(
+            SINK_BATCH_SPAN, SpanKind.PRODUCER.value, started, self.ended, context, None,
+            attributes, links, status,
+        )  # fmt: skip
 
 
 # Context and attributes -------------------------------------------------------------------
@@ -1007,9 +882,8 @@ def traced_prepare(
 ) -> Callable[[RawFrame], PreparedFrame | DeadLetter]:
     """Wrap the decode stage: the ingest CONSUMER span (child of the Kafka headers'
     context, from the message's Kafka timestamp to its ingest) and a `preprocess` span.
-    A prepared frame keeps what they are made of (`PreparedFrame.pending_spans`) and
-    `traced_infer` writes them with its batch (`write_ingest_spans`); a dead letter gets
-    them here, and the ingest span's context in its carrier."""
+    The frame or dead letter that comes out is a copy of the stage's whose carrier
+    (`trace_carrier`) holds the ingest span's context, for the later stages."""
     if not tracing.enabled:
         return prepare
     spans = _recorder(tracing)
@@ -1019,16 +893,27 @@ def traced_prepare(
         started = time.time_ns()
         out = prepare(raw)
         ended = time.time_ns()
-        if isinstance(out, PreparedFrame):
-            # Between two frames' decoding the caches are cold: a batch's spans cost a
-            # fraction as much written in one loop. The frame is new and not yet shared.
-            pending = (raw.headers, raw.timestamp_ms, len(raw.value or b""), started, ended)
-            object.__setattr__(out, "pending_spans", pending)
-            return out
         headers = carrier_from_headers(raw.headers)
         parent = span_context_of(headers)
         start = _ingest_start(raw.timestamp_ms, raw.ingest_ns)
         name = f"process {raw.topic}"
+        if isinstance(out, PreparedFrame):
+            meta = out.meta
+            entries = headers.get("baggage")
+            parent_ctx = None
+            if entries and entries != _own_baggage(meta.job_id):
+                parent_ctx = extract(headers)  # other baggage entries travel on
+            ingest = spans.context(name, parent, kind=SpanKind.CONSUMER)
+            if sampled(ingest):
+                spans.compact(
+                    PreparedSpans(
+                        ingest, parent, start, raw.ingest_ns, started, ended, raw.topic,
+                        raw.partition, raw.offset, group, len(raw.value or b""), meta.job_id,
+                        meta.camera, meta.frame_id, meta.seq, meta.width, meta.height,
+                    )
+                )  # fmt: skip
+            carrier = carrier_of(ingest, meta.job_id, parent_ctx)
+            return replace(out, meta=replace(meta, trace_carrier=carrier))
         parent_ctx = extract(headers)
         attributes = {
             **_letter_attributes(out, parent_ctx, INGEST),
@@ -1053,44 +938,6 @@ def _ingest_start(timestamp_ms: int | None, ingest_ns: int) -> int:
     or later than its ingest."""
     kafka_ns = (timestamp_ms or 0) * 1_000_000
     return kafka_ns if 0 < kafka_ns <= ingest_ns else ingest_ns
-
-
-def write_ingest_spans(
-    spans: SpanRecorder, group: str | None, frames: Sequence[PreparedFrame]
-) -> list[Ctx | None]:
-    """Write the ingest and preprocess spans that `traced_prepare` left on `frames`, and
-    put each ingest span's context in its frame's carrier for the later stages; those
-    contexts as read back from the carriers (None for a frame written before)."""
-    ingests: list[Ctx | None] = []
-    for frame in frames:
-        pending = frame.pending_spans
-        if pending is None:
-            ingests.append(None)
-            continue
-        object.__setattr__(frame, "pending_spans", None)  # written once
-        raw_headers, timestamp_ms, size, started, ended = pending
-        meta = frame.meta
-        headers = carrier_from_headers(raw_headers)
-        parent = span_context_of(headers)
-        entries = headers.get("baggage")
-        parent_ctx = None
-        if entries and entries != _own_baggage(meta.job_id):
-            parent_ctx = extract(headers)  # other baggage entries travel on
-        topic = meta.topic
-        ingest = spans.context(f"process {topic}", parent, kind=SpanKind.CONSUMER)
-        if sampled(ingest):
-            spans.compact(
-                (PREPARED, ingest, parent, _ingest_start(timestamp_ms, meta.ingest_ns),
-                 meta.ingest_ns, started, ended, topic, meta.partition, meta.offset, group,
-                 size, meta.job_id, meta.camera, meta.frame_id, meta.seq, meta.width,
-                 meta.height)
-            )  # fmt: skip
-        # The carrier is the frame's own dict (parsed from its headers for it alone):
-        # updated in place, which spares copying the frame and its metadata.
-        meta.trace_carrier.clear()
-        meta.trace_carrier.update(carrier_of(ingest, meta.job_id, parent_ctx))
-        ingests.append(as_remote(ingest))
-    return ingests
 
 
 def traced_source_error(
@@ -1172,17 +1019,12 @@ def traced_infer(
     if not tracing.enabled:
         return infer
     spans = _recorder(tracing)
-    group = tracing.consumer_group
     model = {k: bounded(v) for k, v in (model or {}).items()}
 
     def run(batch: FrameBatch) -> list[FrameResult]:
         frames = batch.frames
-        ingests = write_ingest_spans(spans, group, frames)
         metas = [frame.meta for frame in frames]
-        parents = [
-            ingest if ingest is not None else span_context_of(meta.trace_carrier)
-            for meta, ingest in zip(metas, ingests, strict=True)
-        ]
+        parents = [span_context_of(meta.trace_carrier) for meta in metas]
         batch_id = batch.batch_id
         links: list[SpanLink] = [
             (parent, {FRAME_ID: bounded(meta.frame_id)})
@@ -1245,10 +1087,11 @@ def traced_infer(
         for parent, ready, inferred, meta, detections in steps:
             if parent is not None and error is None:
                 if sampled(parent):
-                    compact.append(
-                        (parent, ready, inferred, meta.job_id, meta.camera, meta.frame_id,
-                         detections)
+                    frame = InferredFrame(
+                        parent, ready, inferred, meta.job_id, meta.camera, meta.frame_id,
+                        detections,
                     )  # fmt: skip
+                    compact.append(frame)
                 continue
             wait = step_attributes(meta, BATCH_WAIT)
             wait[BATCH_ID] = batch.batch_id
@@ -1264,10 +1107,11 @@ def traced_infer(
                 links=[(context, {BATCH_ID: batch.batch_id})], error=error,
             )  # fmt: skip
         if compact:
-            spans.compact(
-                (INFERRED, context, dispatched, batch.batch_id, len(batch.frames),
-                 batch.flush_reason, compact)
+            record = InferredSpans(
+                context, dispatched, batch.batch_id, len(batch.frames), batch.flush_reason,
+                compact,
             )  # fmt: skip
+            spans.compact(record)
 
     return run
 
@@ -1291,9 +1135,9 @@ class _Write:
     letter: Attributes | None = None
     """The attributes of a dead letter's write (None for a frame's result)."""
 
-    def values(self) -> tuple[Any, ...]:
-        """The write as in a compact `WRITTEN` record."""
-        return (
+    def values(self) -> SinkWrite:
+        """The write as in a `WrittenSpans` record."""
+        return SinkWrite(
             self.context, self.parent, self.job_id, self.camera, self.frame_id,
             self.batch_id, self.detections, self.outcome, self.error, self.letter,
         )  # fmt: skip
@@ -1382,8 +1226,10 @@ def write_tracer(
             written = writes.spans.values()
             if any(sampled(w.context) or sampled(w.parent) for w in written):
                 spans.compact(
-                    (WRITTEN, started, time.time_ns(), destination, failure,
-                     [w.values() for w in written])
+                    WrittenSpans(
+                        started, time.time_ns(), destination, failure,
+                        [w.values() for w in written],
+                    )
                 )  # fmt: skip
 
     return trace_writes
