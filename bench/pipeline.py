@@ -302,8 +302,6 @@ def run_dataflow(
         on_results=on_results,
         trace_writes=write_tracer(tracing, topic=out, store="sqlite"),
     )
-    if metrics is not None:
-        results = metrics.measured_sink(results, stage="sink", sink="results")
     flow = build_flow(
         settings,
         source=frame_source(

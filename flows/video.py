@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeVar
-
-from bytewax.outputs import DynamicSink
+from typing import TYPE_CHECKING
 
 from flows.pipeline import build_flow
 from flows.recovery import set_up_recovery
@@ -50,7 +48,6 @@ if TYPE_CHECKING:
     from tools.demo import Demo
 
 log = logging.getLogger("flows.video")
-T = TypeVar("T")
 
 keep_freed_memory()  # before the model's first allocations
 settings = load_settings()
@@ -125,11 +122,6 @@ def on_letters(letters: Sequence[DeadLetter]) -> None:
         observe(letters)
 
 
-def measured_sink(sink: DynamicSink[T], stage: str, name: str) -> DynamicSink[T]:
-    """`sink` with its writes measured, when metrics are on."""
-    return metrics.measured_sink(sink, stage=stage, sink=name) if metrics else sink
-
-
 try:
     inferencer = shared_inferencer(
         settings.model_path,
@@ -158,42 +150,32 @@ flow = build_flow(
     ),
     infer=inferencer.infer,
     input_size=inferencer.detector.input_size,
-    results=measured_sink(
-        ResultSink(
-            settings.sink,
-            producer,
-            output_topic=settings.output_topic,
-            dead_letter_topic=settings.dead_letter_topic,
-            publish=settings.publish_detections,
-            on_results=on_results,
-            on_letters=on_letters,
-            trace_writes=write_tracer(
-                tracing,
-                topic=settings.output_topic if settings.publish_detections else None,
-                store=store_system,
-            ),
-            retry_s=settings.sink_retry_s,
-            on_outage=metrics.sink_outage if metrics else None,
-            on_give_up=exit_process,
+    results=ResultSink(
+        settings.sink,
+        producer,
+        output_topic=settings.output_topic,
+        dead_letter_topic=settings.dead_letter_topic,
+        publish=settings.publish_detections,
+        on_results=on_results,
+        on_letters=on_letters,
+        trace_writes=write_tracer(
+            tracing,
+            topic=settings.output_topic if settings.publish_detections else None,
+            store=store_system,
         ),
-        "sink",
-        "results",
+        retry_s=settings.sink_retry_s,
+        on_outage=metrics.sink_outage if metrics else None,
+        on_give_up=exit_process,
     ),
-    dead_letters=measured_sink(
-        DeadLetterSink(
-            settings.sink,
-            producer,
-            topic=settings.dead_letter_topic,
-            on_letters=on_letters,
-            trace_writes=write_tracer(
-                tracing, topic=settings.dead_letter_topic, store=store_system
-            ),
-            retry_s=settings.sink_retry_s,
-            on_outage=metrics.sink_outage if metrics else None,
-            on_give_up=exit_process,
-        ),
-        "dead_letter_sink",
-        "dead_letters",
+    dead_letters=DeadLetterSink(
+        settings.sink,
+        producer,
+        topic=settings.dead_letter_topic,
+        on_letters=on_letters,
+        trace_writes=write_tracer(tracing, topic=settings.dead_letter_topic, store=store_system),
+        retry_s=settings.sink_retry_s,
+        on_outage=metrics.sink_outage if metrics else None,
+        on_give_up=exit_process,
     ),
     tracing=tracing,
     metrics=metrics,

@@ -2,7 +2,8 @@
 the batch's FIRST frame (a deadline, not an idle timeout), or at the end of the input.
 
 `Batcher` is the pure logic, driven by explicit clock readings; `BatchLogic` adapts it to
-Bytewax's `stateful_batch` so pending frames are part of recovery snapshots.
+Bytewax's `stateful_batch` so pending frames are part of recovery snapshots; `batch_frames`
+is the stage's operator (frames too old to infer are skipped first: `operators.shedding`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
+import bytewax.operators as op
+from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
 from operators.adaptive import AdaptiveBatching
-from operators.frames import FrameBatch, PreparedFrame
+from operators.frames import DeadLetter, FrameBatch, PreparedFrame
+from operators.shedding import shed_stale
+from operators.stages import Instrument, uninstrumented
 from operators.workers import current_worker, local_key
 
 FLUSH_SIZE = "size"
@@ -178,3 +185,45 @@ def batch_logic_builder(
         return BatchLogic(batcher, controller=controller)
 
     return build
+
+
+@dataclass(frozen=True)
+class BatchOut:
+    """The batches, and the frames skipped as too old to infer (`stale` dead letters)."""
+
+    oks: Stream[FrameBatch]
+    errs: Stream[DeadLetter]
+
+
+@operator
+def batch_frames(
+    step_id: str,
+    up: Stream[PreparedFrame],
+    *,
+    max_size: int,
+    max_delay_s: float,
+    key_by: str = "partition",
+    max_age_ms: float = 0.0,
+    controller: AdaptiveBatching | None = None,
+    instrument: Instrument = uninstrumented,
+) -> BatchOut:
+    """Batch the frames of `up` per stream key (`key_by`: `partition` or `camera`) with the
+    given bounds (or `controller`'s), each on the worker that read it; with `max_age_ms`
+    over 0, frames older than that (capture to now) are skipped first."""
+    if max_age_ms > 0:
+        shed = shed_stale("shed_stale", up, max_age_ms)
+        fresh, stale = shed.oks, shed.errs
+    else:
+        fresh, stale = up, op.flat_map_batch("no_stale", up, _none)
+    # Batched on the worker that read the frame: Bytewax's key hashing would otherwise put
+    # 3 or all 4 of 4 cameras' batches on one of 2 workers, depending on the topic's name.
+    keyed = op.key_on("key", fresh, partial(local_stream_key, by=key_by))
+    builder = batch_logic_builder(
+        max_size, max_delay_s, partial(stream_key, by=key_by), controller=controller
+    )
+    batches = op.stateful_batch("collect", keyed, instrument(step_id, builder))
+    return BatchOut(op.key_rm("unkey", batches), stale)
+
+
+def _none(frames: list[PreparedFrame]) -> list[DeadLetter]:
+    return []

@@ -6,6 +6,7 @@ DCT-domain downscaling; the contract's other formats and unusual JPEG colour spa
 YCCK) go through Pillow, restricted to the contract's formats. Grayscale, alpha, palette
 and CMYK images are converted to RGB. Header values are checked against the contract's
 ranges (seq, capture time, identity characters) so that a frame that parses can be stored.
+`prepare_frame` is the logic; `decode_frames` the stage's operator.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 
+import bytewax.operators as op
 import numpy as np
 import simplejpeg
+from bytewax.dataflow import Stream, operator
 from PIL import Image, UnidentifiedImageError
 
-from operators import contract
+from operators import contract, stages
 from operators import dead_letters as dl
 from operators.frames import DeadLetter, FrameMeta, PreparedFrame, RawFrame
+from operators.stages import Instrument, uninstrumented
 
-STAGE = "decode"
+STAGE = stages.DECODE
 JPEG_MAGIC = b"\xff\xd8\xff"
 FAST_JPEG_COLORSPACES = ("Gray", "YCbCr", "RGB")
 MAX_TRACE_HEADER = 512
@@ -299,3 +304,28 @@ def prepare_frame(raw: RawFrame, limits: FrameLimits) -> PreparedFrame | DeadLet
 
 def _with_size(meta: FrameMeta, width: int, height: int) -> FrameMeta:
     return replace(meta, width=width, height=height)
+
+
+@dataclass(frozen=True)
+class DecodeOut:
+    """Frames ready for the model, and the frames that failed as dead letters."""
+
+    oks: Stream[PreparedFrame]
+    errs: Stream[DeadLetter]
+
+
+@operator
+def decode_frames(
+    step_id: str,
+    up: Stream[RawFrame],
+    limits: FrameLimits,
+    instrument: Instrument = uninstrumented,
+) -> DecodeOut:
+    """`prepare_frame` on every frame of `up`: prepared frames, and dead letters."""
+    prepared = op.map("prepare", up, instrument(step_id, partial(prepare_frame, limits=limits)))
+    split = op.branch("split", prepared, _is_prepared)
+    return DecodeOut(split.trues, split.falses)
+
+
+def _is_prepared(item: object) -> bool:
+    return isinstance(item, PreparedFrame)

@@ -5,7 +5,8 @@ and become float on the device (4x less to copy); on CUDA the host buffer is pin
 copy is non-blocking, each worker thread has its own stream, and the model runs in
 reduced precision. On CPU the cores are shared among the workers: each worker's forward
 pass runs on cores / workers threads (`operators.workers.threads_per_worker`), so workers
-that infer at once do not run more threads than there are cores.
+that infer at once do not run more threads than there are cores. `infer_batches` is the
+stage's operator: a model that fails turns its batch into dead letters.
 """
 
 from __future__ import annotations
@@ -13,15 +14,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
+import bytewax.operators as op
 import numpy as np
 import torch
+from bytewax.dataflow import Stream, operator
 
+from operators import dead_letters as dl
+from operators import stages
+from operators.adaptive import AdaptiveBatching
 from operators.detector import LoadedDetector, load_detector
-from operators.frames import Detection, FrameBatch, FrameResult
+from operators.frames import DeadLetter, Detection, FrameBatch, FrameResult
+from operators.stages import Instrument, uninstrumented
 
 log = logging.getLogger(__name__)
+
+STAGE = stages.INFER
+Infer = Callable[[FrameBatch], list[FrameResult]]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -191,3 +203,73 @@ def shared_inferencer(
             )
             _shared[key] = inferencer
         return _shared[key]
+
+
+def infer_or_dead_letter(infer: Infer, batch: FrameBatch) -> list[FrameResult | DeadLetter]:
+    """Run `infer`; if the model fails, every frame of the batch becomes a dead letter."""
+    try:
+        return list(infer(batch))
+    except Exception as exc:  # a failing batch must not crash the dataflow
+        return [
+            dl.reject_decoded(
+                frame.meta,
+                stage=STAGE,
+                reason=dl.INTERNAL_ERROR,
+                detail=f"inference failed: {type(exc).__name__}",
+            )
+            for frame in batch.frames
+        ]
+
+
+def observed_infer(controller: AdaptiveBatching, infer: Infer) -> Infer:
+    """`infer` with each batch's size, forward time, age and end fed to `controller`. The
+    age is that of its first frame when it reached the batcher (capture to prepared): what
+    the frames waited before batching, not the batch delay the controller chose itself."""
+
+    def run(batch: FrameBatch) -> list[FrameResult]:
+        started = time.perf_counter_ns()
+        results = infer(batch)
+        ended = time.perf_counter_ns()
+        age_ns = 0
+        if batch.frames:
+            first = batch.frames[0]
+            age_ns = max(first.prepared_ns - first.meta.capture_ns, 0)
+        controller.observe_inference(
+            len(batch.frames),
+            (ended - started) / 1e9,
+            wait_s=age_ns / 1e9,
+            worker=threading.get_ident(),
+            ended_ns=ended,
+        )
+        return results
+
+    return run
+
+
+@dataclass(frozen=True)
+class InferOut:
+    """Each frame's result, and the frames of batches the model failed on as dead letters."""
+
+    oks: Stream[FrameResult]
+    errs: Stream[DeadLetter]
+
+
+@operator
+def infer_batches(
+    step_id: str,
+    up: Stream[FrameBatch],
+    infer: Infer,
+    controller: AdaptiveBatching | None = None,
+    instrument: Instrument = uninstrumented,
+) -> InferOut:
+    """One call of `infer` per batch of `up` (its time fed to `controller`, if any): one
+    result per frame, or one dead letter per frame when the model fails."""
+    if controller is not None:
+        infer = observed_infer(controller, infer)
+    outcomes = op.flat_map("run", up, partial(infer_or_dead_letter, instrument(step_id, infer)))
+    split = op.branch("split", outcomes, _is_result)
+    return InferOut(split.trues, split.falses)
+
+
+def _is_result(item: object) -> bool:
+    return isinstance(item, FrameResult)

@@ -1,4 +1,5 @@
-"""Ingest: Bytewax's KafkaSource, its messages as `RawFrame`s and its errors as dead letters.
+"""Ingest: Bytewax's KafkaSource, its messages as `RawFrame`s and its errors as dead letters
+(`ingest_frames`, the stage's operator).
 
 `FrameKafkaSource` can stop each partition at an end offset that becomes known while the
 flow runs (the demo camera publishes concurrently and reports where it stopped).
@@ -8,18 +9,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
-from bytewax.inputs import StatefulSourcePartition
+from bytewax.dataflow import Dataflow, Stream, operator
+from bytewax.inputs import Source, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
 
 from operators import dead_letters as dl
+from operators import stages
 from operators.frames import DeadLetter, RawFrame
 from operators.kafka_io import librdkafka_logger
+from operators.stages import Instrument, uninstrumented
 
-STAGE = "ingest"
+STAGE = stages.INGEST
 # librdkafka waits up to 500 ms for a fetch to fill by default: too long for live video.
 FETCH_WAIT_MAX_MS = 20
 # Each partition's consumer prefetches up to this much (librdkafka's default is 64 MiB per
@@ -144,3 +150,38 @@ def frame_source(
         raise_on_errors=False,
         end_offsets=end_offsets,
     )
+
+
+def receive(item: KafkaSourceMessage | KafkaError) -> RawFrame | DeadLetter:
+    """An item of the Kafka source: a message as a `RawFrame`, a consume error as a dead
+    letter."""
+    if isinstance(item, KafkaSourceMessage):
+        return to_raw_frame(item)
+    return error_to_dead_letter(item)
+
+
+@dataclass(frozen=True)
+class IngestOut:
+    """The frames read, and the source's consume errors as dead letters."""
+
+    oks: Stream[RawFrame]
+    errs: Stream[DeadLetter]
+
+
+@operator
+def ingest_frames(
+    step_id: str,
+    flow: Dataflow,
+    source: Source[Any],
+    instrument: Instrument = uninstrumented,
+) -> IngestOut:
+    """Read `source` (a Kafka source whose errors come as items, `raise_on_errors=False`):
+    its messages as `RawFrame`s stamped with the ingest time, its errors as dead letters."""
+    items = op.input("read", flow, source)
+    received = op.map("receive", items, instrument(step_id, receive))
+    split = op.branch("split", received, _is_raw)
+    return IngestOut(split.trues, split.falses)
+
+
+def _is_raw(item: object) -> bool:
+    return isinstance(item, RawFrame)

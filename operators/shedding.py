@@ -16,9 +16,11 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
 
 from operators import dead_letters as dl
+from operators import stages
 from operators.frames import DeadLetter, PreparedFrame
 
-STAGE = "batch"
+STAGE = stages.BATCH
+"""Stale frames are skipped at the batcher: their dead letters are the batch stage's."""
 
 
 def check_age(

@@ -24,6 +24,8 @@ nothing is acknowledged past unwritten rows. One warning per `RETRY_WARN_EVERY_S
 database and process, and the `on_outage` hook (metrics) on every attempt; past the bound
 the sink gives up: `on_give_up` (the flow passes `exit_process`, one line and exit 1),
 then `StoreUnavailable`.
+
+`write_items` is the operator of both sink stages (`sink` and `dead_letter_sink`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+import bytewax.operators as op
+from bytewax.dataflow import Stream, operator
+from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
 
-from operators import contract
+from operators import contract, stages
 from operators import dead_letters as dl
 from operators.frames import DeadLetter, FrameResult
 from operators.kafka_io import CheckedProducer
+from operators.stages import Instrument, uninstrumented
 from operators.stores import (
     DetectionStore,
     RowsRejected,
@@ -63,7 +68,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Item = TypeVar("Item")
 
-STAGE = "sink"
+STAGE = stages.SINK
 # Brokers reject messages over their message.max.bytes (1 MB by default on Kafka).
 MAX_DEAD_LETTER_PAYLOAD = 1_000_000 - 64 * 1024
 
@@ -650,3 +655,11 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
         return _DeadLetterPartition(
             store, producer, self.topic, self.on_letters, self.trace_writes, retry
         )
+
+
+@operator
+def write_items(
+    step_id: str, up: Stream[T], sink: Sink[T], instrument: Instrument = uninstrumented
+) -> None:
+    """Write every item of `up` to `sink` (`ResultSink`, `DeadLetterSink` or any sink)."""
+    op.output("write", up, instrument(step_id, sink))
