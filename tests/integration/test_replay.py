@@ -6,17 +6,32 @@ broker refuses recovery."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from bytewax.connectors.kafka import KafkaSourceMessage
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSink, TestingSource, run_main
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from flows.pipeline import build_flow
+from flows.settings import Settings
+from operators import contract
+from operators.frames import DeadLetter, FrameBatch, FrameResult
+from operators.telemetry.tracing import Tracing, send_tracer, setup_tracing
 from operators.workers import RECOVERY_ENV
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
 from tests.integration.kafka_frames import assert_stored_once, fill_topic, stored
+from tools.camera import OutgoingFrame
+from tools.scene import encode_jpeg, render_frame
 
 pytestmark = pytest.mark.integration
 
@@ -135,3 +150,107 @@ def test_the_embedded_demo_refuses_recovery_in_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith("streamsight: recovery is on"), lines
     assert "env -u BYTEWAX_RECOVERY_DIRECTORY" in lines[0]
     assert not (tmp_path / "recovery").exists()
+
+
+def stand_in_model(batch: FrameBatch) -> list[FrameResult]:
+    """A stand-in for the detector (what is tested is the snapshot, not the model)."""
+    done = time.time_ns()
+    return [
+        FrameResult(f.meta, (), "stand-in", "0", "cpu", len(batch.frames), batch.flush_reason,
+                    batch.dispatched_ns, done, batch.batch_id)
+        for f in batch.frames
+    ]  # fmt: skip
+
+
+def camera_messages(frames: int) -> list[KafkaSourceMessage]:
+    """`frames` JPEG frames of one camera, each with its send span's context."""
+    camera = setup_tracing(
+        exporter=InMemorySpanExporter(), processor=SimpleSpanProcessor, flush_at_exit=False
+    )
+    send = send_tracer(camera, "frames", "snap")
+    assert send is not None
+    messages = []
+    for seq in range(frames):
+        jpeg = encode_jpeg(render_frame(0, seq).rgb)
+        now_ms = time.time() * 1000
+        extra = send(OutgoingFrame("cam-0", seq, jpeg, now_ms))
+        headers = contract.frame_headers(
+            job_id="snap", camera="cam-0", seq=seq, capture_time_ms=now_ms, trace_headers=extra
+        )
+        messages.append(
+            KafkaSourceMessage(b"cam-0", jpeg, "frames", headers, 0, seq, (1, int(now_ms)))
+        )
+    return messages
+
+
+def run_recovered(
+    items: list[Any], recovery: Path, spans: InMemorySpanExporter | None
+) -> list[FrameResult]:
+    """Run the flow over `items` (traced into `spans`, or not traced) with recovery in
+    `recovery`, snapshotting every epoch; the results it wrote."""
+    tracing = (
+        setup_tracing(exporter=spans, processor=SimpleSpanProcessor, flush_at_exit=False)
+        if spans is not None
+        else Tracing.disabled()
+    )
+    results: list[FrameResult] = []
+    letters: list[DeadLetter] = []
+    # Batches flush at 8 frames or at the end: frames wait in the batcher's state.
+    flow = build_flow(
+        Settings(batch_max_size=8, batch_max_delay_ms=600_000),
+        source=TestingSource(items),
+        infer=stand_in_model,
+        input_size=(64, 48),
+        results=TestingSink(results),
+        dead_letters=TestingSink(letters),
+        tracing=tracing,
+    )
+    with contextlib.suppress(RuntimeError):  # the source's abort, on the first run
+        run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(recovery)))
+    assert letters == []
+    return results
+
+
+@pytest.mark.parametrize("traced_first", [True, False], ids=["traced-then-not", "not-then-traced"])
+def test_a_snapshot_resumes_whether_tracing_was_on_or_off(
+    tmp_path: Path, traced_first: bool
+) -> None:
+    # Frames wait in the batcher when the source aborts; the snapshot holding them is
+    # resumed with tracing switched the other way. Snapshots hold no telemetry: each frame
+    # is written once, and its carrier says where its trace goes on.
+    init_db_dir(tmp_path, 1)
+    messages = camera_messages(6)
+    items: list[Any] = [*messages[:4], TestingSource.ABORT(), *messages[4:]]
+    first, second = InMemorySpanExporter(), InMemorySpanExporter()
+    assert run_recovered(items, tmp_path, first if traced_first else None) == []
+    results = run_recovered(items, tmp_path, None if traced_first else second)
+    assert sorted(r.meta.frame_id for r in results) == [f"snap/cam-0/{s}" for s in range(6)]
+    sent = {m.offset: dict(m.headers)["traceparent"].decode() for m in messages}
+    restored = [r for r in results if r.meta.trace_carrier["traceparent"] != sent[r.meta.seq]]
+    if traced_first:
+        # Frames decoded before the abort carry their ingest span, made by the first run.
+        ingests = {
+            f"{s.context.span_id:016x}"
+            for s in first.get_finished_spans()
+            if s.name == "process frames"
+        }
+        assert restored and len(restored) < 6
+        assert {r.meta.trace_carrier["traceparent"].split("-")[2] for r in restored} <= ingests
+    else:
+        # Frames restored from the snapshot go on under the camera's span; the others
+        # were decoded with tracing and carry their ingest span.
+        spans = second.get_finished_spans()
+        decoded = {
+            s.attributes["streamsight.frame.id"] for s in spans if s.name == "process frames"
+        }
+        assert len(decoded) < 6
+        waits = [s for s in spans if s.name == "batch wait"]
+        assert {s.attributes["streamsight.frame.id"] for s in waits} == {
+            r.meta.frame_id for r in results
+        }
+        for wait in waits:
+            frame_id = wait.attributes["streamsight.frame.id"]
+            seq = int(str(frame_id).rsplit("/", 1)[1])
+            assert wait.parent is not None
+            if frame_id not in decoded:
+                assert f"{wait.parent.span_id:016x}" == sent[seq].split("-")[2]

@@ -52,6 +52,43 @@ def test_sampler_is_parent_based_whatever_is_configured(monkeypatch: pytest.Monk
     assert "0.25" in sampler.get_description()
 
 
+@pytest.mark.parametrize(
+    ("name", "arg", "root"),
+    [
+        ("parentbased_traceidratio", "0.25", "TraceIdRatioBased{0.25}"),
+        ("traceidratio", "0.5", "TraceIdRatioBased{0.5}"),
+        ("parentbased_always_off", None, "AlwaysOffSampler"),
+        ("always_on", None, "AlwaysOnSampler"),
+        (None, None, "AlwaysOnSampler"),
+        ("traceidratio", "lots", "TraceIdRatioBased{1.0}"),
+        ("traceidratio", "2", "TraceIdRatioBased{1.0}"),
+        ("jaeger_remote", None, "AlwaysOnSampler"),
+    ],
+)
+def test_the_root_sampler_is_built_from_the_standard_variables(
+    monkeypatch: pytest.MonkeyPatch, name: str | None, arg: str | None, root: str
+) -> None:
+    if name is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+    if arg is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+    description = tracing.parent_based_sampler().get_description()
+    # Parent-based once, around the configured root: a frame's trace is whole or absent.
+    assert description.count("ParentBased") == 1
+    assert description.startswith(f"ParentBased{{root:LinkAware{{{root}}}")
+
+
+def test_roots_are_sampled_at_the_configured_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    sampler = tracing.parent_based_sampler()
+    kept = sum(
+        sampler.should_sample(None, trace_id, "send frames").decision.is_sampled()
+        for trace_id in range(0, 1 << 64, (1 << 64) // 1000)
+    )
+    assert 80 <= kept <= 120
+
+
 def test_resource_names_service_process_and_pod(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("BYTEWAX_POD_NAME", "streamsight-2")
