@@ -26,12 +26,13 @@ import numpy as np
 from operators.telemetry.tracing import SCOPE_ATTR, STAGE, STAGES
 
 SERVICE_PREFIX = "streamsight"
+# By `streamsight.stage`: the camera's send, then the flow's stages by their step ids.
 STAGE_LABELS = {
     "send": "camera send",
     "ingest": "kafka + ingest",
-    "preprocess": "preprocess",
-    "batch_wait": "batch wait",
-    "inference": "inference",
+    "decode": "decode",
+    "batch": "batch wait",
+    "infer": "inference",
     "sink": "sink write",
 }
 

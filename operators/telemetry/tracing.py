@@ -52,7 +52,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from operators import contract
+from operators import contract, stages
 from operators.frames import DeadLetter, FrameBatch, FrameMeta, FrameResult, PreparedFrame, RawFrame
 from operators.telemetry.span_export import (
     FLUSH_TIMEOUT_S,
@@ -80,13 +80,14 @@ MESSAGING_SYSTEM = "kafka"
 MAX_ATTRIBUTE_LENGTH = 256
 MAX_LISTED_IDS = 8
 
-# Span names and the `streamsight.stage` of each.
+# Span names and the `streamsight.stage` of each: the camera's `send`, else the step id of
+# the flow's stage the span is part of (`operators.stages`).
 SEND = "send"
-INGEST = "ingest"
-PREPROCESS = "preprocess"
-BATCH_WAIT = "batch_wait"
-INFERENCE = "inference"
-SINK = "sink"
+INGEST = stages.INGEST
+PREPROCESS = stages.DECODE
+BATCH_WAIT = stages.BATCH
+INFERENCE = stages.INFER
+SINK = stages.SINK
 STAGES = (SEND, INGEST, PREPROCESS, BATCH_WAIT, INFERENCE, SINK)
 SPAN_NAMES = {
     PREPROCESS: "preprocess",

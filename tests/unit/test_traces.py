@@ -198,8 +198,9 @@ def jaeger(recorded: dict[str, Any]) -> Iterator[tuple[str, list[dict[str, str]]
 def test_breakdown_covers_every_stage(recorded: dict[str, Any]) -> None:
     result = traces.breakdown(recorded, JOB)
     assert len(result.frames) == 13
-    assert set(result.stages) == {"send", "ingest", "preprocess", "batch_wait", "inference", "sink"}
-    assert result.stages["inference"][3] == 12 and result.stages["preprocess"][3] == 13
+    # The flow's stages by their step ids, after the camera's send.
+    assert set(result.stages) == {"send", "ingest", "decode", "batch", "infer", "sink"}
+    assert result.stages["infer"][3] == 12 and result.stages["decode"][3] == 13
     for p50, p95, peak, _ in result.stages.values():
         assert 0 <= p50 <= p95 <= peak
     assert result.dominant in result.stages
@@ -216,7 +217,7 @@ def test_command_queries_jaeger_and_prints_the_report(
     assert [q.get("service") for q in queries] == [None, "streamsight", "streamsight-camera"]
     assert json.loads(queries[1]["tags"]) == {"job.id": JOB}
     assert f"job {JOB}: 13 frame traces" in out
-    for label in ("camera send", "kafka + ingest", "preprocess", "batch wait", "inference"):
+    for label in ("camera send", "kafka + ingest", "decode", "batch wait", "inference"):
         assert label in out
     assert "slowest 3 frames:" in out
     assert out.count("  trace ") == 3
