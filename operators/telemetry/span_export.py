@@ -330,7 +330,6 @@ class OtlpGrpcExporter(RequestExporter):
 
     def __init__(self) -> None:
         import grpc
-        from opentelemetry.exporter.otlp.proto.grpc.exporter import environ_to_compression
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
             TraceServiceStub,
         )
@@ -345,18 +344,18 @@ class OtlpGrpcExporter(RequestExporter):
         else:
             insecure = parsed.scheme == "http"
         target = parsed.netloc or endpoint
-        compression = (
-            environ_to_compression("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
-            or environ_to_compression("OTEL_EXPORTER_OTLP_COMPRESSION")
-            or grpc.Compression.NoCompression
-        )
+        compression = {"gzip": grpc.Compression.Gzip, "none": grpc.Compression.NoCompression}
+        named = (_traces_env("COMPRESSION") or "none").lower()
+        if named not in compression:
+            raise ValueError(f"unsupported OTLP compression {named!r}: use gzip or none")
         headers = _traces_env("HEADERS")
         self.metadata = tuple(parse_env_headers(headers, liberal=True).items()) if headers else ()
         self.timeout_s = float(_traces_env("TIMEOUT") or 10)
         if insecure:
-            self.channel = grpc.insecure_channel(target, compression=compression)
+            self.channel = grpc.insecure_channel(target, compression=compression[named])
         else:
-            self.channel = grpc.secure_channel(target, self._credentials(), compression=compression)
+            credentials = self._credentials()
+            self.channel = grpc.secure_channel(target, credentials, compression=compression[named])
         self.stub = TraceServiceStub(self.channel)
 
     @staticmethod
