@@ -183,11 +183,11 @@ def populated_registry() -> tuple[CollectorRegistry, PipelineMetrics]:
     gpu.sample()
     metas = [meta(i, job_id=f"job-{i % 3}") for i in range(4)]
     b = batch(metas, wait_ns=5_000_000)
-    with metrics.measure("decode") as m:
-        m.out(prepared(metas[0]))
+    with metrics.measure("decode"):
+        prepared(metas[0])
     metrics.record_batch(b, max_size=8)
-    with metrics.measure_inference(b, device="cuda:0") as m:
-        m.out([result(x) for x in metas])
+    with metrics.measure_inference(b, device="cuda:0"):
+        [result(x) for x in metas]
     metrics.results_written([result(x) for x in metas], 1, time.time_ns())
     metrics.letters_written([letter()])
     metrics.record_sink_write("results", 0.004)

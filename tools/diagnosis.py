@@ -726,7 +726,7 @@ def readings_between(
     return Readings(
         window_s=dt,
         frames_per_s=rate("streamsight_inference_frames_total"),
-        ingest_per_s=rate("streamsight_stage_items_received_total", stage="ingest"),
+        ingest_per_s=rate("streamsight_stage_duration_seconds_count", stage="ingest"),
         written_per_s=rate("streamsight_sink_rows_written_total", sink="results"),
         stage_busy=rates_by("streamsight_stage_duration_seconds_sum", "stage"),
         stage_cpu=rates_by("streamsight_stage_cpu_seconds_total", "stage"),

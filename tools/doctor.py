@@ -85,7 +85,8 @@ def queries(window: str, match: str = "") -> dict[str, str]:
     return {
         "frames": f"sum({rate('streamsight_inference_frames_total')})",
         "written": f"sum({rate('streamsight_sink_rows_written_total', results)})",
-        "ingest": f"sum({rate('streamsight_stage_items_received_total', ingest)})",
+        # One ingest call per message read (items per step are Bytewax's, on another port).
+        "ingest": f"sum({rate('streamsight_stage_duration_seconds_count', ingest)})",
         "stage_busy": f"sum by (stage) ({rate('streamsight_stage_duration_seconds_sum')})",
         "stage_cpu": f"sum by (stage) ({rate('streamsight_stage_cpu_seconds_total')})",
         "process_cpu": (

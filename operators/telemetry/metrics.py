@@ -4,7 +4,10 @@
 created up front (`STAGES`, `DEAD_LETTER_STAGES`, `dead_letters.REASONS`,
 `batching.FLUSH_REASONS`, `SINKS`, `DEVICE_TYPES`), and job IDs are folded into `other`
 past `max_jobs` distinct values. Frame, offset and trace IDs never become labels: trace IDs
-ride on exemplars, visible in the OpenMetrics exposition.
+ride on exemplars, visible in the OpenMetrics exposition. A `stage` label is the stage's
+step id (`operators.stages`). Items into and out of each step are Bytewax's own series
+(`bytewax_item_inp_count_total`, `bytewax_item_out_count_total` by `step_id`, served on its
+API port with `BYTEWAX_DATAFLOW_API_ENABLED`): they are not counted again here.
 
 `LagTracker` reports Kafka consumer lag per partition in records and in seconds;
 `start_metrics_server` serves a registry over HTTP (default port `DEFAULT_PORT`).
@@ -19,7 +22,7 @@ import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +40,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from operators import stages
 from operators.batching import FLUSH_REASONS
 from operators.dead_letters import INTERNAL_ERROR, REASONS
 from operators.frames import DeadLetter, FrameBatch, FrameMeta, FrameResult, PreparedFrame
@@ -52,9 +56,9 @@ DEFAULT_JOB_IDLE_S = 600.0
 DEFAULT_LAG_INTERVAL_S = 5.0
 OTHER = "other"
 
-STAGES = ("ingest", "decode", "batch", "infer", "sink", "dead_letter_sink")
+STAGES = stages.STAGES
 """Stages the `stage` label takes (anything else is counted as `other`)."""
-DEAD_LETTER_STAGES = ("ingest", "decode", "batch", "infer", "sink")
+DEAD_LETTER_STAGES = stages.REJECTING
 """Stages that turn items into dead letters (`DeadLetter.stage`)."""
 SINKS = ("results", "dead_letters")
 """The two sinks: detections and dead letters."""
@@ -91,18 +95,6 @@ def device_type(device: str) -> str:
 
 def _exemplar(trace_id: str | None) -> dict[str, str] | None:
     return {"trace_id": trace_id} if trace_id else None
-
-
-def count_items(value: object) -> int:
-    """How many items `value` stands for: None 0, a FrameBatch its frames, a list or tuple
-    the sum of its elements, anything else 1."""
-    if value is None:
-        return 0
-    if isinstance(value, FrameBatch):
-        return len(value.frames)
-    if isinstance(value, list | tuple):
-        return sum(count_items(v) for v in value)
-    return 1
 
 
 class BoundedLabel:
@@ -169,18 +161,11 @@ class BoundedLabel:
 
 @dataclass
 class StageMeasurement:
-    """What one `measure` block recorded: wall and thread-CPU seconds and items out."""
+    """What one `measure` block recorded: wall and CPU seconds."""
 
     stage: str
-    items_in: int
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    items_out: int = 0
-    _outputs: list[int] = field(default_factory=list, repr=False)
-
-    def out(self, value: object) -> None:
-        """Count `value` as the stage's output (see `count_items`)."""
-        self._outputs.append(count_items(value))
 
 
 class ProcessExtrasCollector(Collector):
@@ -242,18 +227,6 @@ class PipelineMetrics:
         p = PREFIX
         r = registry
 
-        self.stage_items_received = ShardedCounter(
-            f"{p}_stage_items_received",
-            "Items (frames or dead letters) into a stage.",
-            ["stage"],
-            registry=r,
-        )
-        self.stage_items_emitted = ShardedCounter(
-            f"{p}_stage_items_emitted",
-            "Items out of a stage, dead letters included.",
-            ["stage"],
-            registry=r,
-        )
         self.stage_duration = ShardedHistogram(
             f"{p}_stage_duration_seconds",
             "Wall time of one stage call (one item or batch).",
@@ -369,8 +342,6 @@ class PipelineMetrics:
         )
 
         for stage in STAGES:
-            self.stage_items_received.labels(stage)
-            self.stage_items_emitted.labels(stage)
             self.stage_duration.labels(stage)
             self.stage_cpu.labels(stage)
         for stage in DEAD_LETTER_STAGES:
@@ -384,7 +355,7 @@ class PipelineMetrics:
             self.sink_unavailable.labels(sink)
             self.sink_retries.labels(sink)
 
-        self._stage_children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._stage_children: dict[str, tuple[Any, Any]] = {}
         self._extras = ProcessExtrasCollector()
         registry.register(self._extras)
         if registry is not REGISTRY:
@@ -400,89 +371,62 @@ class PipelineMetrics:
     def measure(
         self,
         stage: str,
-        items_in: int = 1,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> Iterator[StageMeasurement]:
-        """Time a block as one call of `stage` handling `items_in` items.
+        """Time a block as one call of `stage`.
 
-        Records wall time (`streamsight_stage_duration_seconds`), CPU time by `cpu_clock`
-        (`streamsight_stage_cpu_seconds_total`; the calling thread's by default), items in,
-        and the items passed to the yielded measurement's `out`
-        (`streamsight_stage_items_emitted_total`). Time is recorded even when the block
-        raises.
+        Records wall time (`streamsight_stage_duration_seconds`: its count is the stage's
+        calls) and CPU time by `cpu_clock` (`streamsight_stage_cpu_seconds_total`; the
+        calling thread's by default). Time is recorded even when the block raises.
         """
         label = self._stage(stage)
-        measurement = StageMeasurement(label, items_in)
+        measurement = StageMeasurement(label)
         wall0, cpu0 = time.perf_counter(), cpu_clock()
         try:
             yield measurement
         finally:
             measurement.cpu_s = cpu_clock() - cpu0
             measurement.wall_s = time.perf_counter() - wall0
-            measurement.items_out = sum(measurement._outputs)
-            duration, cpu, received, emitted = self._stage_series(label)
+            duration, cpu = self._stage_series(label)
             duration.observe(measurement.wall_s)
             cpu.inc(measurement.cpu_s)
-            if items_in:
-                received.inc(items_in)
-            if measurement.items_out:
-                emitted.inc(measurement.items_out)
 
-    def _stage_series(self, label: str) -> tuple[Any, Any, Any, Any]:
-        """The duration, CPU, received and emitted series of a stage label (looked up
-        once: `labels()` takes a lock and builds a key on every call)."""
+    def _stage_series(self, label: str) -> tuple[Any, Any]:
+        """The duration and CPU series of a stage label (looked up once: `labels()` takes
+        a lock and builds a key on every call)."""
         found = self._stage_children.get(label)
         if found is None:
             found = self._stage_children[label] = (
                 self.stage_duration.labels(label),
                 self.stage_cpu.labels(label),
-                self.stage_items_received.labels(label),
-                self.stage_items_emitted.labels(label),
             )
         return found
 
     def wrap(self, stage: str, fn: Callable[[T], R]) -> Callable[[T], R]:
-        """`fn` measured as `stage`: for `op.map`, `op.flat_map` and `op.filter_map` steps.
-
-        Items in and out are counted with `count_items`; a generator result is turned
-        into a list so that its work is timed.
+        """`fn` measured as `stage`, one call per item: for `op.map`, `op.flat_map` and
+        `op.filter_map` steps. A generator result is turned into a list so that its work
+        is timed.
         """
 
         # The per-item path of `measure`, inlined: this runs for every frame.
-        duration, cpu, received, emitted = self._stage_series(self._stage(stage))
-        observe, add_cpu, add_in, add_out = duration.observe, cpu.inc, received.inc, emitted.inc
+        duration, cpu = self._stage_series(self._stage(stage))
+        observe, add_cpu = duration.observe, cpu.inc
         wall_clock, cpu_clock = time.perf_counter, time.thread_time
 
         def measured(item: T) -> R:
-            items_out = 0
             wall0, cpu0 = wall_clock(), cpu_clock()
             try:
                 result = fn(item)
                 if isinstance(result, Iterator):
                     result = list(result)  # type: ignore[assignment]
-                items_out = count_items(result)
             finally:
-                cpu_s = cpu_clock() - cpu0
+                add_cpu(cpu_clock() - cpu0)
                 observe(wall_clock() - wall0)
-                add_cpu(cpu_s)
-                items_in = count_items(item)
-                if items_in:
-                    add_in(items_in)
-                if items_out:
-                    add_out(items_out)
             return result
 
         measured.__name__ = getattr(fn, "__name__", stage)
         measured.__doc__ = getattr(fn, "__doc__", None)
         return measured
-
-    def count(self, stage: str, items_in: int = 0, items_out: int = 0) -> None:
-        """Count items into and out of `stage` without timing anything."""
-        _, _, received, emitted = self._stage_series(self._stage(stage))
-        if items_in:
-            received.inc(items_in)
-        if items_out:
-            emitted.inc(items_out)
 
     # Batching -----------------------------------------------------------------------
 
@@ -555,27 +499,25 @@ class PipelineMetrics:
     def measure_inference(
         self, batch: FrameBatch, *, device: str, trace_id: str | None = None
     ) -> Iterator[StageMeasurement]:
-        """`measure("infer", len(batch.frames))` plus `record_inference` with its wall time.
+        """`measure("infer")` plus `record_inference` with its wall time.
 
         A forward pass that raises is timed as a stage call but not as an inference.
         """
         # The forward pass fans out to the framework's own threads, which the calling
         # thread's clock misses: the stage is charged the process's CPU time instead
         # (exact with one worker per process, the recommended layout).
-        with self.measure("infer", items_in=len(batch.frames), cpu_clock=time.process_time) as m:
+        with self.measure(stages.INFER, cpu_clock=time.process_time) as m:
             yield m
         self.record_inference(batch, m.wall_s, device=device, trace_id=trace_id)
 
     def wrap_inference(
         self, infer: Callable[[FrameBatch], R], *, device: str
     ) -> Callable[[FrameBatch], R]:
-        """`infer` measured with `measure_inference` (its results counted as items out)."""
+        """`infer` measured with `measure_inference`."""
 
         def measured(batch: FrameBatch) -> R:
-            with self.measure_inference(batch, device=device) as m:
-                results = infer(batch)
-                m.out(results)
-            return results
+            with self.measure_inference(batch, device=device):
+                return infer(batch)
 
         return measured
 
@@ -636,24 +578,23 @@ class _MeasuredBatchLogic(StatefulBatchLogic[Any, FrameBatch, Any]):
         self.max_size = size
 
     def _run(
-        self, call: Callable[[], tuple[Iterable[FrameBatch], bool]], items_in: int
+        self, call: Callable[[], tuple[Iterable[FrameBatch], bool]]
     ) -> tuple[Iterable[FrameBatch], bool]:
-        with self.metrics.measure("batch", items_in=items_in) as m:
+        with self.metrics.measure(stages.BATCH):
             emitted, discard = call()
             batches = list(emitted)
-            m.out(batches)
         for batch in batches:
             self.metrics.record_batch(batch, self.max_size)
         return batches, discard
 
     def on_batch(self, values: list[PreparedFrame]) -> tuple[Iterable[FrameBatch], bool]:
-        return self._run(lambda: self.inner.on_batch(values), len(values))
+        return self._run(lambda: self.inner.on_batch(values))
 
     def on_notify(self) -> tuple[Iterable[FrameBatch], bool]:
-        return self._run(self.inner.on_notify, 0)
+        return self._run(self.inner.on_notify)
 
     def on_eof(self) -> tuple[Iterable[FrameBatch], bool]:
-        return self._run(self.inner.on_eof, 0)
+        return self._run(self.inner.on_eof)
 
     def notify_at(self) -> Any:
         return self.inner.notify_at()
@@ -672,9 +613,8 @@ class _MeasuredPartition(StatelessSinkPartition[Any]):
         self.sink = sink
 
     def write_batch(self, items: list[Any]) -> None:
-        with self.metrics.measure(self.stage, items_in=len(items)) as m:
+        with self.metrics.measure(self.stage) as m:
             self.inner.write_batch(items)
-            m.out(items)
         self.metrics.record_sink_write(self.sink, m.wall_s)
 
     def close(self) -> None:

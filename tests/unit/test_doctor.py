@@ -235,7 +235,9 @@ def test_readings_between_registry_samples() -> None:
         metrics.stage_duration.labels("infer").observe(0.09)
         metrics.stage_cpu.labels("infer").inc(0.18)
         metrics.stage_duration.labels("decode").observe(0.004)
-    metrics.stage_items_received.labels("ingest").inc(40)
+    ingest = metrics.wrap("ingest", lambda message: message)
+    for message in range(40):  # the ingest stage is called once per message read
+        ingest(message)
     after = RegistrySample.read(101.0, registry)
 
     r = readings_between(before, after, workers_per_process=1, model_threads=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -14,6 +15,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from operators import dead_letters as dl
 from operators.batching import FLUSH_DEADLINE, FLUSH_REASONS, batch_logic_builder
+from operators.frames import FrameBatch, FrameResult
 from operators.telemetry.metrics import (
     DEAD_LETTER_STAGES,
     DEVICE_TYPES,
@@ -23,7 +25,6 @@ from operators.telemetry.metrics import (
     BoundedLabel,
     LagTracker,
     PipelineMetrics,
-    count_items,
     device_type,
     start_metrics_server,
     trace_id_from_carrier,
@@ -79,7 +80,7 @@ def test_label_sets_exist_before_any_traffic() -> None:
             registry.get_sample_value("streamsight_stage_cpu_seconds_total", {"stage": stage}) == 0
         )
         assert registry.get_sample_value(
-            "streamsight_stage_items_received_total", {"stage": stage}
+            "streamsight_stage_duration_seconds_count", {"stage": stage}
         ) == pytest.approx(0.0)
     for stage in DEAD_LETTER_STAGES:
         for reason in dl.REASONS:
@@ -89,18 +90,24 @@ def test_label_sets_exist_before_any_traffic() -> None:
         assert registry.get_sample_value("streamsight_batch_flushes_total", {"reason": reason}) == 0
 
 
-def test_measure_records_wall_cpu_and_items() -> None:
+def test_items_per_step_are_left_to_bytewax() -> None:
+    # Bytewax counts every step's items (bytewax_item_inp_count_total and
+    # bytewax_item_out_count_total by step_id): the registry holds no copy of them.
+    registry, _ = populated_registry()
+    names = {family.name for family in registry.collect()}
+    assert not {name for name in names if "items" in name}, names
+
+
+def test_measure_records_wall_and_cpu() -> None:
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
-    with metrics.measure("decode", items_in=3) as m:
+    with metrics.measure("decode") as m:
         sum(i * i for i in range(50_000))
         time.sleep(0.02)
-        m.out([1, None, data.letter()])
     assert m.wall_s >= 0.02
     assert 0 < m.cpu_s < m.wall_s
-    assert value(registry, "streamsight_stage_items_received_total", stage="decode") == 3
-    assert value(registry, "streamsight_stage_items_emitted_total", stage="decode") == 2
     assert value(registry, "streamsight_stage_duration_seconds_count", stage="decode") == 1
+    assert value(registry, "streamsight_stage_duration_seconds_sum", stage="decode") == m.wall_s
     assert value(registry, "streamsight_stage_cpu_seconds_total", stage="decode") == m.cpu_s
     with metrics.measure("no-such-stage"):
         pass
@@ -110,10 +117,9 @@ def test_measure_records_wall_cpu_and_items() -> None:
 def test_measure_times_a_block_that_raises() -> None:
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
-    with pytest.raises(ZeroDivisionError), metrics.measure("infer", items_in=2):
+    with pytest.raises(ZeroDivisionError), metrics.measure("infer"):
         _ = 1 / 0
     assert value(registry, "streamsight_stage_duration_seconds_count", stage="infer") == 1
-    assert value(registry, "streamsight_stage_items_emitted_total", stage="infer") == 0
 
 
 def _burn(seconds: float) -> None:
@@ -140,28 +146,29 @@ def test_stage_cpu_seconds_add_up_to_process_cpu() -> None:
     assert decode + infer == pytest.approx(process_cpu, rel=0.15)
 
 
-def test_wrap_counts_items_and_materialises_generators() -> None:
+def test_wrap_times_each_call_and_materialises_generators() -> None:
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
     b = data.batch([data.meta(i) for i in range(3)])
-    wrapped = metrics.wrap("infer", lambda batch: (data.result(f.meta) for f in batch.frames))
+
+    def results(batch: FrameBatch) -> Iterator[FrameResult]:
+        for frame in batch.frames:
+            time.sleep(0.005)  # work done as the generator runs: timed with the call
+            yield data.result(frame.meta)
+
+    wrapped = metrics.wrap("infer", results)
     out = wrapped(b)
     assert isinstance(out, list)
     assert len(out) == 3
-    assert value(registry, "streamsight_stage_items_received_total", stage="infer") == 3
-    assert value(registry, "streamsight_stage_items_emitted_total", stage="infer") == 3
+    assert value(registry, "streamsight_stage_duration_seconds_count", stage="infer") == 1
+    assert value(registry, "streamsight_stage_duration_seconds_sum", stage="infer") >= 0.015
     decode = metrics.wrap("decode", lambda item: None)
     decode(object())
-    assert value(registry, "streamsight_stage_items_received_total", stage="decode") == 1
-    assert value(registry, "streamsight_stage_items_emitted_total", stage="decode") == 0
-
-
-def test_count_items() -> None:
-    b = data.batch([data.meta(i) for i in range(4)])
-    assert count_items(None) == 0
-    assert count_items(b) == 4
-    assert count_items([b, data.letter()]) == 5
-    assert count_items(data.letter()) == 1
+    decode(object())
+    assert value(registry, "streamsight_stage_duration_seconds_count", stage="decode") == 2
+    with pytest.raises(ZeroDivisionError):
+        metrics.wrap("decode", lambda item: 1 / 0)(object())
+    assert value(registry, "streamsight_stage_duration_seconds_count", stage="decode") == 3
 
 
 def test_record_batch() -> None:
@@ -191,8 +198,8 @@ def test_measured_batch_builder_records_every_emitted_batch() -> None:
     assert [len(b.frames) for b in emitted] == [1]
     assert value(registry, "streamsight_batch_flushes_total", reason="size") == 2
     assert value(registry, "streamsight_batch_flushes_total", reason="end_of_input") == 1
-    assert value(registry, "streamsight_stage_items_received_total", stage="batch") == 5
-    assert value(registry, "streamsight_stage_items_emitted_total", stage="batch") == 5
+    # Two logic calls (a batch of frames, the end of input), each timed as the batch stage.
+    assert value(registry, "streamsight_stage_duration_seconds_count", stage="batch") == 2
     assert value(registry, "streamsight_batch_fill_ratio_sum") == pytest.approx(2.5)
 
 
@@ -352,7 +359,8 @@ def test_measured_sink() -> None:
     partition.close()
     assert inner.partition.written == [1, 2, 3]
     assert inner.partition.closed
-    assert value(registry, "streamsight_stage_items_received_total", stage="sink") == 3
+    assert value(registry, "streamsight_stage_duration_seconds_count", stage="sink") == 1
+    assert value(registry, "streamsight_stage_duration_seconds_sum", stage="sink") >= 0.01
     assert value(registry, "streamsight_sink_write_duration_seconds_count", sink="results") == 1
     assert value(registry, "streamsight_sink_write_duration_seconds_sum", sink="results") >= 0.01
 
