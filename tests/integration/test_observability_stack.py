@@ -348,13 +348,19 @@ def test_node_exporter_serves_every_node_name_of_the_table(
 
 
 @contextlib.contextmanager
-def prometheus_scraping(job: str, target: str, tmp_path: Path) -> Iterator[str]:
-    """A real Prometheus scraping `target` every second as job `job`; yields its URL."""
+def prometheus_scraping(
+    job: str, target: str, tmp_path: Path, *more: dict[str, Any]
+) -> Iterator[str]:
+    """A real Prometheus scraping `target` every second as job `job` (and the scrape
+    configs in `more`); yields its URL."""
     binary = require("prometheus")
     web_port = free_port()
     config = {
         "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [target]}]},
+            *more,
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log_path = tmp_path / "prometheus.log"
