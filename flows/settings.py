@@ -69,6 +69,7 @@ FORMS: dict[str, str] = {
     "sink": "sqlite:///PATH or postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE",
     "metrics_addr": "an IP address or host name to bind, e.g. 0.0.0.0",
     "demo_job_id": f"1 to {MAX_ID_LENGTH} printable characters without /",
+    "demo_frame_size": "WxH, at least 16x16, e.g. 1280x720",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
 }
 
@@ -242,6 +243,9 @@ class Settings(BaseSettings):
     # Demo (embedded broker)
     demo_frames: int = Field(default=1800, ge=0, description="frames the demo camera sends")
     demo_cameras: int = Field(default=4, ge=1, le=64, description="synthetic cameras")
+    demo_frame_size: str = Field(
+        default="320x240", description="WxH of the demo cameras' frames, e.g. 1280x720"
+    )
     demo_fps: float = Field(
         default=15.0, ge=0, description="frames/s per demo camera; 0 sends as fast as possible"
     )
@@ -297,6 +301,17 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError("not two positive whole numbers joined by x") from None
         return value
+
+    @field_validator("demo_frame_size")
+    @classmethod
+    def _frame_size_shape(cls, value: str) -> str:
+        try:
+            width, height = parse_size(value)
+        except ValueError:
+            raise ValueError("not two positive whole numbers joined by x") from None
+        if width < 16 or height < 16:
+            raise ValueError("smaller than 16x16")
+        return f"{width}x{height}"
 
     @field_validator("model_classes")
     @classmethod

@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.settings import Settings
+from flows.settings import Settings, parse_size
+from operators.dead_letters import STALE
 from operators.kafka_io import CheckedProducer, producer_config
 from operators.stores import detections_from_json, open_store, redact_url
 from operators.tally import Tally
@@ -36,7 +37,7 @@ from tools.camera import camera_index, publish, spread_partition, synthetic_fram
 from tools.diagnosis import Readings, RegistrySample, diagnose, readings_between
 from tools.embedded import EmbeddedBroker
 from tools.evaluation import EvalReport, evaluate_detections
-from tools.scene import render_frame
+from tools.scene import FRAME_SIZE, render_frame
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,16 @@ class DemoSummary:
     latency_ms: tuple[float, float, float]
     mean_batch_size: float
     accuracy: EvalReport | None
+    skipped: int = 0
+    """Frames skipped as stale (older than the age limit at the batcher), not inferred;
+    not counted in `dead_letters`."""
+    frame_size: tuple[int, int] = FRAME_SIZE
 
     @property
     def missing(self) -> int:
-        """Frames sent that neither reached the sink nor became dead letters."""
-        return self.sent - self.written - self.dead_letters
+        """Frames sent that neither reached the sink nor became dead letters nor were
+        skipped as stale."""
+        return self.sent - self.written - self.dead_letters - self.skipped
 
 
 def summarise(
@@ -79,8 +85,20 @@ def summarise(
         letters = [row for row in store.fetch_dead_letters() if row["job_id"] == job_id]
     finally:
         store.close()
+    stale = sum(1 for row in letters if row["reason"] == STALE)
     if not rows:
-        return DemoSummary(sent, 0, len(letters), 0, seconds, (math.nan,) * 3, 0.0, None)
+        return DemoSummary(
+            sent,
+            0,
+            len(letters) - stale,
+            0,
+            seconds,
+            (math.nan,) * 3,
+            0.0,
+            None,
+            skipped=stale,
+            frame_size=frame_size,
+        )
     latency = np.array([(r["written_ns"] - r["capture_ns"]) / 1e6 for r in rows])
     p50, p95, p99 = (float(v) for v in np.percentile(latency, [50, 95, 99]))
     batches = sum(1.0 / r["batch_size"] for r in rows)
@@ -94,24 +112,35 @@ def summarise(
     return DemoSummary(
         sent=sent,
         written=len(rows),
-        dead_letters=len(letters),
+        dead_letters=len(letters) - stale,
         detections=sum(len(p) for p in predictions),
         seconds=seconds,
         latency_ms=(p50, p95, p99),
         mean_batch_size=len(rows) / batches,
         accuracy=accuracy,
+        skipped=stale,
+        frame_size=frame_size,
     )
 
 
-def summary_table(summary: DemoSummary, job_id: str) -> Table:
-    """The summary as a two-column table."""
-    table = Table(title=f"streamsight demo, job {job_id}", show_header=False)
+def summary_table(summary: DemoSummary, job_id: str, max_frame_age_ms: float = 0.0) -> Table:
+    """The summary as a two-column table. Frames skipped as stale have a row of their own
+    when an age limit (`max_frame_age_ms`) is set or any was skipped."""
+    width, height = summary.frame_size
+    table = Table(
+        title=f"streamsight demo, job {job_id}, {width}x{height} frames", show_header=False
+    )
     p50, p95, p99 = summary.latency_ms
     fps = summary.written / summary.seconds if summary.seconds > 0 else 0.0
     rows = [
         ("frames in", f"{summary.sent}"),
         ("frames processed", f"{summary.written}"),
         ("dead letters", f"{summary.dead_letters}"),
+    ]
+    if max_frame_age_ms > 0 or summary.skipped:
+        limit = f" (older than {max_frame_age_ms:g} ms at the batcher)" if max_frame_age_ms else ""
+        rows.append(("skipped (stale)", f"{summary.skipped}{limit}"))
+    rows += [
         ("missing", f"{summary.missing}"),
         ("detections", f"{summary.detections}"),
         ("throughput", f"{fps:.1f} frames/s over {summary.seconds:.1f} s"),
@@ -143,6 +172,7 @@ class Demo:
         self._usage_text = ""
         self.job_id = settings.demo_job_id or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
         self.per_camera = math.ceil(settings.demo_frames / settings.demo_cameras)
+        self.frame_size = parse_size(settings.demo_frame_size)
         self.total = self.per_camera * settings.demo_cameras
         self.sent = 0
         self.error: str | None = None
@@ -168,11 +198,12 @@ class Demo:
     def start(self) -> None:
         """Start the camera and the progress display; print the summary at exit."""
         log.info(
-            "embedded broker at %s; demo job %s: %d cameras x %d frames at %s frames/s",
+            "embedded broker at %s; demo job %s: %d cameras x %d frames of %s at %s frames/s",
             self.bootstrap,
             self.job_id,
             self.settings.demo_cameras,
             self.per_camera,
+            self.settings.demo_frame_size,
             self.settings.demo_fps or "max",
         )
         if self.settings.metrics_enabled:
@@ -195,7 +226,12 @@ class Demo:
             publish(
                 producer,
                 settings.input_topic,
-                synthetic_frames(settings.demo_cameras, self.per_camera),
+                synthetic_frames(
+                    settings.demo_cameras,
+                    self.per_camera,
+                    width=self.frame_size[0],
+                    height=self.frame_size[1],
+                ),
                 job_id=self.job_id,
                 fps=settings.demo_fps,
                 on_sent=self._count_sent,
@@ -312,10 +348,10 @@ class Demo:
             sent=self.sent,
             seconds=seconds,
             score_threshold=self.settings.score_threshold,
-            frame_size=(320, 240),
+            frame_size=self.frame_size,
         )
         if self.settings.progress:
-            self.console.print(summary_table(summary, self.job_id))
+            self.console.print(summary_table(summary, self.job_id, self.settings.max_frame_age_ms))
             if self._first_sample is not None:
                 run = self._readings(self._first_sample, RegistrySample.read(time.monotonic()))
                 self.console.print(diagnose(run).verdict, markup=False, highlight=False)

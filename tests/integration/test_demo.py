@@ -116,3 +116,55 @@ def test_unusable_model_or_sink_stops_before_the_flow_with_one_line(
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and "panicked" not in proc.stderr
     assert "planted-pg-secret" not in proc.stdout + proc.stderr
+
+
+def run_demo(tmp_path: Path, **extra: str) -> str:
+    """Run the demo with `extra` settings; its output (it must exit 0)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bytewax.run", "flows.video"],
+        cwd=ROOT,
+        env=demo_env(tmp_path, **extra),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_the_demo_cameras_send_frames_of_the_size_asked(tmp_path: Path) -> None:
+    output = run_demo(
+        tmp_path,
+        STREAMSIGHT_DEMO_FRAMES="20",
+        STREAMSIGHT_DEMO_FPS="0",
+        STREAMSIGHT_DEMO_FRAME_SIZE="1280x720",
+    )
+    assert "1280x720" in output and "mAP@0.5" in output
+    with sqlite3.connect(tmp_path / "detections.db") as db:
+        sizes = db.execute("SELECT DISTINCT width, height FROM detections").fetchall()
+    assert sizes == [(1280, 720)]
+
+
+def test_frames_skipped_as_stale_are_a_row_of_the_summary_and_none_is_missing(
+    tmp_path: Path,
+) -> None:
+    # Every frame is older than a microsecond when it reaches the batcher.
+    output = run_demo(
+        tmp_path,
+        STREAMSIGHT_DEMO_FRAMES="20",
+        STREAMSIGHT_DEMO_FPS="0",
+        STREAMSIGHT_MAX_FRAME_AGE_MS="0.001",
+    )
+    skipped = [line for line in output.splitlines() if "skipped (stale)" in line]
+    assert len(skipped) == 1 and " 20 " in skipped[0], output[-3000:]
+    missing = [line for line in output.splitlines() if "missing" in line]
+    assert len(missing) == 1 and missing[0].split()[-2] == "0", missing
+    with sqlite3.connect(tmp_path / "detections.db") as db:
+        reasons = db.execute("SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason").fetchall()
+    assert reasons == [("stale", 20)]
+
+
+def test_no_stale_row_without_an_age_limit(tmp_path: Path) -> None:
+    output = run_demo(tmp_path, STREAMSIGHT_DEMO_FRAMES="8", STREAMSIGHT_DEMO_FPS="0")
+    assert "skipped (stale)" not in output and "frames processed" in output

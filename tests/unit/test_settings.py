@@ -72,6 +72,7 @@ BAD_VALUES: dict[str, str] = {
     "gpu_sample_interval_s": "0",
     "demo_frames": "-1",
     "demo_cameras": "0",
+    "demo_frame_size": "1280 by 720",
     "demo_fps": "-1",
     "demo_job_id": "job/1",
     "progress": "kinda",
@@ -246,6 +247,7 @@ def test_bad_configuration_is_a_clear_error(
         ("input_topic", ["frames", "a.b_c-1"], ["", ".", "..", "a b", "a/b", "x" * 250]),
         ("model_classes", ["person", "person,car"], ["", ",", "a,,b", "a, "]),
         ("demo_job_id", ["demo-1", "x" * 128], ["", "a/b", "x" * 129, "tab\there"]),
+        ("demo_frame_size", ["320x240", "1280X720", "16x16"], ["15x240", "1280", "0x0", "a x b"]),
         ("security_protocol", ["plaintext", "PLAINTEXT", "Ssl"], ["tls", "sasl"]),
     ],
 )
