@@ -1,7 +1,8 @@
 """Evaluate a detector on held-out synthetic frames.
 
-`python -m tools.evaluate [--model PATH] [--frames N] [--seed S]` renders frames from
-cameras and seeds never used in training, round-trips them through JPEG, applies the
+`python -m tools.evaluate [--model PATH] [--frames N] [--seed S] [--frame-size WxH]
+[--input-size WxH]` renders frames (320x240 by default) from cameras and seeds never used
+in training, round-trips them through JPEG, applies the
 pipeline's preprocessing (decode, bilinear resize to the model input, / 255), runs the model
 in batches, maps the boxes back to frame pixels and prints mAP@0.5, per-class AP, precision
 and recall at the score threshold, and the model's CPU time per frame.
@@ -109,17 +110,20 @@ def run_detector(
     return results, 1000.0 * spent / max(1, len(frames))
 
 
-def evaluate_model(detector: LoadedDetector, frames: int, seed: int) -> EvalReport:
-    """mAP@0.5, precision and recall of `detector` on `frames` held-out frames."""
-    report, _ = evaluate_with_timing(detector, frames, seed)
+def evaluate_model(
+    detector: LoadedDetector, frames: int, seed: int, frame_size: tuple[int, int] = FRAME_SIZE
+) -> EvalReport:
+    """mAP@0.5, precision and recall of `detector` on `frames` held-out frames of
+    `frame_size` (W, H)."""
+    report, _ = evaluate_with_timing(detector, frames, seed, frame_size)
     return report
 
 
 def evaluate_with_timing(
-    detector: LoadedDetector, frames: int, seed: int
+    detector: LoadedDetector, frames: int, seed: int, frame_size: tuple[int, int] = FRAME_SIZE
 ) -> tuple[EvalReport, float]:
     """Like `evaluate_model`, also returning the model's ms per frame (batches of 16)."""
-    data = held_out_frames(frames, seed, detector.input_size)
+    data = held_out_frames(frames, seed, detector.input_size, frame_size=frame_size)
     detections, ms = run_detector(detector, data)
     report = evaluate_detections(
         detections, [f.truths for f in data], score_threshold=SCORE_THRESHOLD
@@ -148,7 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model file (default: built-in weights)")
     parser.add_argument("--frames", type=int, default=500, help="held-out frames to render")
     parser.add_argument("--seed", type=int, default=0, help="held-out scene seed")
-    parser.add_argument("--input-size", default=None, help="WxH for a model without metadata")
+    parser.add_argument(
+        "--frame-size", default="320x240", help="WxH of the rendered frames (default 320x240)"
+    )
+    parser.add_argument(
+        "--input-size",
+        default=None,
+        help="WxH to run the model at (default: its metadata's; the shipped model's is 160x120)",
+    )
     parser.add_argument("--classes", default=None, help="comma-separated class names")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
@@ -159,10 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = parse_size(args.input_size) if args.input_size else None
     except ValueError:
         parser.error("--input-size must be WxH with positive whole numbers, e.g. 320x320")
+    try:
+        frame_size = parse_size(args.frame_size)
+    except ValueError:
+        parser.error("--frame-size must be WxH with positive whole numbers, e.g. 1280x720")
+    if min(frame_size) < 16:
+        parser.error("--frame-size must be at least 16x16")
     classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
     detector = load_detector(args.model, input_size=size, classes=classes)
     print(f"model {detector.name} version {detector.version} input {detector.input_size}")
-    report, ms = evaluate_with_timing(detector, args.frames, args.seed)
+    print(f"held-out {frame_size[0]}x{frame_size[1]} frames, seed {args.seed}")
+    report, ms = evaluate_with_timing(detector, args.frames, args.seed, frame_size)
     print(format_report(report))
     print(f"model time {ms:.2f} ms/frame (CPU, batch 16, {torch.get_num_threads()} threads)")
     return 0

@@ -9,7 +9,7 @@ import pytest
 
 from operators.detector import load_detector
 from operators.frames import Detection
-from tools.evaluate import evaluate_model, held_out_frames
+from tools.evaluate import evaluate_model, held_out_frames, main
 from tools.evaluation import (
     HELD_OUT_CAMERA_BASE,
     HELD_OUT_SEED_BASE,
@@ -148,3 +148,14 @@ def test_shipped_weights_reach_target() -> None:
     assert report.frames == 150 and report.truths > 200
     assert report.map50 >= 0.85, report
     assert report.precision >= 0.8 and report.recall >= 0.8, report
+
+
+def test_the_evaluation_renders_the_frame_size_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    frames = held_out_frames(2, 0, (160, 120), frame_size=(1280, 720))
+    assert all(f.pixels.shape == (120, 160, 3) and f.frame_size == (1280, 720) for f in frames)
+    assert all(t.box[2] <= 1280 and t.box[3] <= 720 for f in frames for t in f.truths)
+    assert main(["--frames", "4", "--frame-size", "640x360", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "640x360 frames" in out and "input (160, 120)" in out
+    with pytest.raises(SystemExit):
+        main(["--frame-size", "640"])
