@@ -843,6 +843,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     )
     parser.add_argument("--width", type=int, default=320, help="synthetic frame width")
     parser.add_argument("--height", type=int, default=240, help="synthetic frame height")
+    parser.add_argument(
+        "--frame-size", help="synthetic frame size WxH, e.g. 1280x720 (sets --width, --height)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="synthetic scene seed")
     parser.add_argument("--client-id", default="streamsight-camera", help="Kafka client.id")
     parser.add_argument(
@@ -925,8 +928,15 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--delivery-timeout must be > 0")
     if not 1 <= args.quality <= 100:
         parser.error("--quality must be between 1 and 100")
+    if args.frame_size is not None:
+        from flows.settings import parse_size
+
+        try:
+            args.width, args.height = parse_size(args.frame_size)
+        except ValueError:
+            parser.error("--frame-size must be WxH, e.g. 1280x720")
     if args.width < 16 or args.height < 16:
-        parser.error("--width and --height must be at least 16")
+        parser.error("--width and --height (--frame-size) must be at least 16")
     if not args.job_id or len(args.job_id) > MAX_ID_LENGTH:
         parser.error(f"--job-id must be 1 to {MAX_ID_LENGTH} characters")
     if is_live_source(args.source):

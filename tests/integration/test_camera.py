@@ -153,6 +153,28 @@ def test_cli_synthetic(camera_broker: BrokerProcess) -> None:
     assert seqs == {f"cam-{i}": [0, 1, 2, 3] for i in range(3)}
 
 
+def test_cli_synthetic_frames_of_the_size_asked(camera_broker: BrokerProcess) -> None:
+    result = _run_camera(
+        "--brokers",
+        camera_broker.bootstrap,
+        "--topic",
+        "cam-e",
+        "--frames",
+        "2",
+        "--fps",
+        "0",
+        "--frame-size",
+        "1280x720",
+    )
+    assert result.returncode == 0, result.stderr
+    messages = read_topic(camera_broker.bootstrap, "cam-e", expected=2)
+    for message in messages:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(message.value)
+        assert (width, height) == (1280, 720)
+    bad = _run_camera("--brokers", camera_broker.bootstrap, "--frame-size", "1280")
+    assert bad.returncode == 2 and "--frame-size" in bad.stderr
+
+
 def test_cli_video_file(camera_broker: BrokerProcess, tmp_path: Path) -> None:
     video = tmp_path / "clip.mp4"
     _write_video(video, 10)
