@@ -1,22 +1,29 @@
-"""Batching: size bound, a deadline counted from the batch's FIRST frame, end of input, and
-state that survives a snapshot."""
+"""Batching: size bound, a deadline counted from the batch's FIRST frame, end of input, state
+that survives a snapshot, and the stage's operator (stale frames skipped first)."""
 
 from __future__ import annotations
 
 import pickle
+import time
 
+import bytewax.operators as op
 import numpy as np
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
 
+from operators import dead_letters as dl
 from operators.batching import (
     FLUSH_DEADLINE,
     FLUSH_END,
     FLUSH_SIZE,
     Batcher,
     BatchLogic,
+    batch_frames,
     batch_logic_builder,
     stream_key,
 )
-from operators.frames import FrameMeta, PreparedFrame
+from operators.frames import DeadLetter, FrameBatch, FrameMeta, PreparedFrame
+from tests import metrics_data as data
 
 MS = 1_000_000
 
@@ -120,3 +127,34 @@ def test_logic_eof_flushes_pending() -> None:
     logic.on_batch([frame(0)])
     (batch,), discard = logic.on_eof()
     assert batch.flush_reason == FLUSH_END and discard is BatchLogic.DISCARD
+
+
+def _batch_frames(
+    frames: list[PreparedFrame], **bounds: float
+) -> tuple[list[FrameBatch], list[DeadLetter]]:
+    batches: list[FrameBatch] = []
+    letters: list[DeadLetter] = []
+    flow = Dataflow("batching")
+    out = batch_frames("batch", op.input("in", flow, TestingSource(frames)), **bounds)
+    op.output("batches", out.oks, TestingSink(batches))
+    op.output("letters", out.errs, TestingSink(letters))
+    run_main(flow)
+    return batches, letters
+
+
+def test_batch_frames_batches_per_partition_and_skips_stale_frames_first() -> None:
+    now = time.time_ns()
+    fresh = [data.prepared(data.meta(i, partition=i % 2, capture_ns=now)) for i in range(6)]
+    # A minute old against a 30 s limit: stale whatever the machine's speed.
+    old = data.prepared(data.meta(99, partition=0, capture_ns=now - 60 * 10**9))
+    frames = [*fresh[:3], old, *fresh[3:]]
+
+    batches, letters = _batch_frames(frames, max_size=3, max_delay_s=60.0, max_age_ms=30_000)
+    assert sorted(seqs(b) for b in batches) == [[0, 2, 4], [1, 3, 5]]
+    assert {b.key for b in batches} == {f"{data.TOPIC}/0", f"{data.TOPIC}/1"}
+    assert [(d.stage, d.reason, d.offset) for d in letters] == [("batch", dl.STALE, 99)]
+
+    # Without an age limit every frame is batched and the dead-letter stream stays empty.
+    batches, letters = _batch_frames(frames, max_size=3, max_delay_s=60.0)
+    assert sorted(seqs(b) for b in batches) == [[0, 2, 99], [1, 3, 5], [4]]
+    assert letters == []

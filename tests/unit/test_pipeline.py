@@ -13,14 +13,17 @@ import torch
 from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import KafkaError as ConfluentKafkaError
+from prometheus_client import CollectorRegistry
 
 from flows.pipeline import build_flow
 from flows.settings import Settings
-from operators import contract
+from operators import contract, stages
 from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.frames import DeadLetter, FrameBatch, FrameResult
 from operators.inference import Inferencer
+from operators.telemetry import tracing
+from operators.telemetry.metrics import OTHER, PipelineMetrics
 from operators.workers import cores, threads_per_worker
 from tests.helpers import frame_headers
 from tools.scene import encode_jpeg, render_frame
@@ -49,7 +52,7 @@ def scene_jpeg(camera: int, seq: int) -> bytes:
     return encode_jpeg(render_frame(camera, seq).rgb)
 
 
-def run(settings: Settings, items: list, inferencer: Inferencer, infer=None):
+def run(settings: Settings, items: list, inferencer: Inferencer, infer=None, metrics=None):
     results: list[FrameResult] = []
     letters: list[DeadLetter] = []
     flow = build_flow(
@@ -59,6 +62,7 @@ def run(settings: Settings, items: list, inferencer: Inferencer, infer=None):
         input_size=inferencer.detector.input_size,
         results=TestingSink(results),
         dead_letters=TestingSink(letters),
+        metrics=metrics,
     )
     run_main(flow)
     return results, letters
@@ -101,6 +105,53 @@ def test_good_and_bad_frames_each_come_out_once(inferencer: Inferencer) -> None:
         for d in r.detections:
             x1, y1, x2, y2 = d.box
             assert 0 <= x1 < x2 <= r.meta.width and 0 <= y1 < y2 <= r.meta.height
+
+
+def test_the_flow_is_the_data_path_of_the_stages_step_ids() -> None:
+    flow = build_flow(
+        Settings(),
+        source=TestingSource([]),
+        infer=lambda batch: [],
+        input_size=(64, 64),
+        results=TestingSink([]),
+        dead_letters=TestingSink([]),
+    )
+    path = (stages.INGEST, stages.DECODE, stages.BATCH, stages.INFER, stages.SINK)
+    merged = (stages.DEAD_LETTERS, stages.DEAD_LETTER_SINK)
+    assert [step.step_id for step in flow.substeps] == [
+        f"streamsight.{step}" for step in (*path, *merged)
+    ]
+    assert (*path, stages.DEAD_LETTER_SINK) == stages.STAGES
+    # The spans of the flow's stages carry the same names (the camera's `send` aside).
+    assert set(tracing.STAGES) - {tracing.SEND} <= set(stages.STAGES)
+
+
+def test_every_stage_is_measured_under_its_step_id(inferencer: Inferencer) -> None:
+    registry = CollectorRegistry()
+    good = [message(scene_jpeg(0, s), s, 0) for s in range(3)]
+    error = KafkaError(
+        ConfluentKafkaError(ConfluentKafkaError._MSG_TIMED_OUT), message(None, 103, 0)
+    )
+    items = [*good, message(b"not a jpeg", 101, 0), error]
+    results, letters = run(
+        Settings(batch_max_size=2), items, inferencer, metrics=PipelineMetrics(registry)
+    )
+    assert len(results) == 3
+    # Each dead letter names the stage that made it: the step id of that stage's operator.
+    assert sorted(d.stage for d in letters) == sorted([stages.INGEST, stages.DECODE])
+
+    def calls(stage: str) -> float:
+        found = registry.get_sample_value(
+            "streamsight_stage_duration_seconds_count", {"stage": stage}
+        )
+        return found or 0.0
+
+    assert {stage: calls(stage) > 0 for stage in stages.STAGES} == dict.fromkeys(
+        stages.STAGES, True
+    )
+    assert calls(OTHER) == 0
+    assert calls(stages.INGEST) == len(items)  # one call per message or error read
+    assert calls(stages.DECODE) == len(items) - 1
 
 
 def test_a_failing_model_turns_its_batch_into_dead_letters(inferencer: Inferencer) -> None:
