@@ -193,8 +193,11 @@ class RequestEncoder:
     """Builds the OTLP export request of span records of one resource and scope from
     opentelemetry-proto's generated messages: the request the SDK's encoder
     (`encode_spans`) builds from the same spans as SDK spans. The resource and scope are
-    encoded once, by the SDK's encoder; attributes that recur (stages, jobs, cameras,
-    topics) are built once and copied, up to `max_cached` of them."""
+    encoded once, by the SDK's encoder. Each attribute is serialised by protobuf once (a
+    `Span` holding just that attribute: the values of a stream recur, stages, jobs,
+    cameras, topics) and merged into every span that has it from those bytes: protobuf
+    merges concatenated messages field by field, appending to repeated fields, which
+    costs half as much as copying `KeyValue` messages. Up to `max_cached` are kept."""
 
     def __init__(
         self, resource: Resource, scope: InstrumentationScope, max_cached: int = 65_536
@@ -205,7 +208,7 @@ class RequestEncoder:
         self.template = encode_spans([probe]).resource_spans[0]
         self.template.scope_spans[0].ClearField("spans")
         self.max_cached = max_cached
-        self._values: dict[tuple[str, Any, type], KeyValue] = {}
+        self._values: dict[tuple[str, Any, type], bytes] = {}
 
     def request(self, records: Iterable[SpanRecord]) -> ExportTraceServiceRequest:
         """The request that carries `records`."""
@@ -217,13 +220,15 @@ class RequestEncoder:
             self._fill(add(), record)
         return request
 
-    def _attribute(self, key: str, value: Any) -> KeyValue:
+    def _attribute(self, key: str, value: Any) -> bytes:
+        """The attribute as a serialised `Span` that holds it alone."""
         cache_key = (key, value, type(value))
         found = self._values.get(cache_key)
         if found is None:
             if len(self._values) >= self.max_cached:
                 self._values.clear()
-            found = self._values[cache_key] = key_value(key, value)
+            found = PBSpan(attributes=[key_value(key, value)]).SerializeToString()
+            self._values[cache_key] = found
         return found
 
     def _fill(self, span: PBSpan, record: SpanRecord) -> None:
@@ -240,7 +245,7 @@ class RequestEncoder:
         span.start_time_unix_nano = start
         span.end_time_unix_nano = end
         attribute = self._attribute
-        span.attributes.extend([attribute(k, v) for k, v in attributes.items()])
+        span.MergeFromString(b"".join([attribute(k, v) for k, v in attributes.items()]))
         for link, link_attributes in links:
             span.links.add(
                 trace_id=link[0].to_bytes(16, "big"),
