@@ -1,5 +1,6 @@
-"""Stage ceilings: `python -m bench.ceilings [--device auto] [--batch-sizes 1,8,16]`
-(the pipeline against them: `python -m bench.pipeline`).
+"""Stage ceilings: `python -m bench.ceilings [--device auto] [--batch-sizes 1,8,16]
+[--frame-size 1280x720] [--input-size 640x360]` (the pipeline against them:
+`python -m bench.pipeline`).
 
 Measures, on frames already in memory (no Kafka, no Bytewax): JPEG decode + resize per
 frame, the model alone per batch size, and decode + model together; prints a table and
@@ -22,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flows.settings import is_device
+from flows.settings import is_device, parse_size
 from operators.decode import FrameLimits, decode_pixels
 from operators.detector import load_detector
 from operators.inference import Inferencer
@@ -52,7 +53,8 @@ def stage_ceilings(
     """Decode + resize per frame and the model alone per batch size, frames in memory."""
     device = inferencer.device
     limits = FrameLimits(64 * 1024 * 1024, 100_000_000, inferencer.detector.input_size)
-    pixels = np.stack([decode_pixels(j, limits)[0] for j in jpegs])
+    decoded = [decode_pixels(j, limits) for j in jpegs]
+    pixels = np.stack([d[0] for d in decoded])
     state = {"i": 0}
 
     def decode_one() -> None:
@@ -85,6 +87,7 @@ def stage_ceilings(
         "torch_threads": torch.get_num_threads(),
         "model": f"{detector.name} {detector.version}",
         "input_size": list(detector.input_size),
+        "frame_size": list(decoded[0][1:]),
         "decode_ms_per_frame": decode_s * 1e3,
         "decode_frames_per_s": 1.0 / decode_s,
         "batches": rows,
@@ -98,25 +101,42 @@ def ceilings_main(argv: list[str]) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     parser.add_argument("--batch-sizes", default="1,4,8,16,32,64")
     parser.add_argument("--frames", type=int, default=256, help="distinct frames in memory")
+    parser.add_argument("--frame-size", default="320x240", help="WxH of the frames")
+    parser.add_argument(
+        "--input-size", help="WxH to run the detector at (default: its own, 160x120)"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if not is_device(args.device):
         parser.error("--device must be auto, cpu, cuda or cuda:N")
+    try:
+        width, height = parse_size(args.frame_size)
+        input_size = parse_size(args.input_size) if args.input_size else None
+    except ValueError:
+        parser.error("--frame-size and --input-size are WxH, e.g. 1280x720")
+    if width < 16 or height < 16:
+        parser.error("--frame-size is at least 16x16")
 
-    detector = load_detector()
+    detector = load_detector(input_size=input_size)
     try:
         inferencer = Inferencer.create(detector, device=args.device, precision=args.precision)
     except ValueError as exc:  # e.g. cuda asked for on a machine without CUDA
         raise SystemExit(f"streamsight: {exc}") from None
-    jpegs = [f.jpeg for tick in synthetic_frames(4, args.frames // 4) for f in tick]
+    jpegs = [
+        f.jpeg
+        for tick in synthetic_frames(4, max(args.frames // 4, 1), width=width, height=height)
+        for f in tick
+    ]
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     report = stage_ceilings(inferencer, jpegs, sizes, args.seconds)
     rows = report["batches"]
     decode_s = report["decode_ms_per_frame"] / 1e3
+    in_w, in_h = report["input_size"]
     table = Table(
-        title=f"{report['model']} on {report['device']} ({report['device_name']}, "
-        f"{report['precision']}); decode+resize {decode_s * 1e3:.2f} ms/frame"
+        title=f"{report['model']} at {in_w}x{in_h} on {report['device']}"
+        f" ({report['device_name']}, {report['precision']}); {width}x{height} frames:"
+        f" decode+resize {decode_s * 1e3:.2f} ms/frame"
     )
     for column in ("batch", "model ms/batch", "model frames/s", "decode+model frames/s"):
         table.add_column(column, justify="right")

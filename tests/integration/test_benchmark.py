@@ -11,11 +11,27 @@ from bench.pipeline import main
 pytestmark = pytest.mark.integration
 
 
+WINDOW_RATIOS = (
+    "pipeline_over_naive",
+    "pipeline_over_ceiling",
+    "telemetry_on_over_off",
+    "adaptive_over_best_fixed",
+)
+
+
 def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
     report = main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "pipeline.json").is_file()
-    for name in ("batch_size.png", "max_delay.png", "offered_load.png"):
+    for name in ("batch_size.png", "max_delay.png", "offered_load.png", "overload.png"):
         assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "adaptive.png").stat().st_size > 0
+    assert report["frame_size"] == [320, 240] and report["model_input_size"] == [160, 120]
+    # A quick run's windows (96 frames) are too short to be figures: its ratios say why
+    # instead of giving a number, and the run says its ratios are indicative.
+    assert report["indicative"] is True
+    for name in WINDOW_RATIOS:
+        assert report["ratios"][name] is None, name
+        assert "a rate needs at least 500 frames" in report["ratio_details"][name]["problem"]
     # On CPU the workers run as the image runs them: single-worker processes, one cluster.
     assert report["layout"] == {"processes": 2, "workers": 1, "name": "processes"}
     pipeline = report["pipeline"]
@@ -41,6 +57,9 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
     ceiling = report["ceilings"]["compute_bound_frames_per_s"]
     assert len(ceiling["runs"]) == 2 and ceiling["median"] > 0
     assert len(report["adaptive"]["low_load_rounds"]) == 1
+    assert set(report["adaptive"]["by_load"]) == {"0.2", "0.7", "1"}
+    for at in report["adaptive"]["by_load"].values():
+        assert len(at["p99_default_over_adaptive_rounds"]) == 1
     assert len(report["adaptive"]["saturation_rounds"]) == 1
     assert str(report["adaptive"]["best_fixed_size"]) in report["sweeps"]["batch_size_saturation"]
     assert report["ceilings"]["stages"]["batches"]
@@ -70,3 +89,41 @@ def test_quick_pipeline_benchmark_reports_every_figure(tmp_path: Path) -> None:
     mid = report["adaptive"]["at_70pct_rounds"]
     assert len(mid) == 1 and set(mid[0]) == {"default", "adaptive"}
     assert report["adaptive"]["at_70pct"]["latency_ms"] == mid[0]["adaptive"]
+    # Overload, with and without the age limit: every frame offered is processed,
+    # dead-lettered or skipped as stale.
+    overload = report["overload"]
+    assert overload["without_limit"]["max_frame_age_ms"] == 0
+    assert overload["with_limit"]["max_frame_age_ms"] == 1000
+    for run in overload.values():
+        assert run["sent"] > 0 and run["unaccounted"] == 0
+        assert run["processed"] + run["skipped_stale"] + run["dead_letters"] == run["sent"]
+        assert run["lag_timeline"] and set(run["latency_ms"]) == {"p50", "p99"}
+    assert overload["without_limit"]["skipped_stale"] == 0
+
+
+def test_large_frames_are_fed_during_the_run_and_the_report_names_the_sizes(
+    tmp_path: Path,
+) -> None:
+    # 1080p frames: more than the embedded broker keeps of a partition (5 MiB), so the
+    # saturation runs publish alongside the flow, never far ahead of it.
+    report = main(
+        [
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--frame-size",
+            "1920x1080",
+            "--input-size",
+            "320x180",
+            "--parts",
+            "throughput",
+            "--frames",
+            "240",
+        ]
+    )
+    assert report["frame_size"] == [1920, 1080] and report["model_input_size"] == [320, 180]
+    assert report["ceilings"]["stages"]["frame_size"] == [1920, 1080]
+    assert report["parts"] == ["throughput"]
+    for run in report["pipeline"]["saturation"]:
+        assert run["frames"] == 240
+    assert "sweeps" not in report and "overload" not in report and "adaptive" not in report
