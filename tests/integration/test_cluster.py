@@ -68,7 +68,7 @@ def prepare_pods(root: Path, replicas: int) -> list[Pod]:
                 BYTEWAX_STATEFULSET_NAME=STATEFULSET,
                 BYTEWAX_HOSTFILE_PATH=str(pod.hostfile),
                 STREAMSIGHT_REPLICAS=str(replicas),
-                STREAMSIGHT_RECOVERY_DIR=str(pod.recovery),
+                BYTEWAX_RECOVERY_DIRECTORY=str(pod.recovery),
                 STREAMSIGHT_RECOVERY_PARTITIONS=str(PARTITIONS),
             ),
             capture_output=True,
@@ -80,13 +80,16 @@ def prepare_pods(root: Path, replicas: int) -> list[Pod]:
 
 
 def pod_env(pod: Pod, base: dict[str, str]) -> dict[str, str]:
-    """The container environment of `pod`, as the StatefulSet sets it."""
+    """The container environment of `pod`, as the StatefulSet sets it (snapshots every
+    second)."""
     return subprocess_env(
         **base,
         BYTEWAX_POD_NAME=pod.name,
         BYTEWAX_STATEFULSET_NAME=STATEFULSET,
         BYTEWAX_HOSTFILE_PATH=str(pod.hostfile),
-        STREAMSIGHT_RECOVERY_DIR=str(pod.recovery),
+        BYTEWAX_RECOVERY_DIRECTORY=str(pod.recovery),
+        BYTEWAX_SNAPSHOT_INTERVAL="1",
+        BYTEWAX_RECOVERY_BACKUP_INTERVAL="0",
         STREAMSIGHT_RECOVERY_PARTITIONS=str(PARTITIONS),
     )
 
@@ -163,7 +166,6 @@ def cluster_input(
             "STREAMSIGHT_OUTPUT_TOPIC": topics["detections"],
             "STREAMSIGHT_DEAD_LETTER_TOPIC": topics["dead"],
             "STREAMSIGHT_STOP_AT_END": "true",
-            "STREAMSIGHT_SNAPSHOT_INTERVAL_S": "0.5",
             "STREAMSIGHT_SINK": f"sqlite:///{tmp_path / 'sink.db'}",
             "STREAMSIGHT_FETCH_BATCH_SIZE": "4",
             "STREAMSIGHT_BATCH_MAX_SIZE": "4",

@@ -6,6 +6,7 @@ signal or a failed child stops them all."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -55,8 +56,8 @@ def launcher_env(
     settings: dict[str, str], tmp_path: Path, processes: int = 2, **extra: str
 ) -> dict[str, str]:
     """The launcher's environment for `processes` processes: `settings`, fresh peer,
-    metrics and API ports (Bytewax's API on), a recovery directory under `tmp_path`, no
-    OTEL_* variables of the caller."""
+    metrics and API ports (Bytewax's API on), Bytewax's recovery in a directory under
+    `tmp_path` (snapshots every second), no OTEL_* variables of the caller."""
     base = consecutive_free_ports(3 * processes)
     env = {k: v for k, v in subprocess_env().items() if not k.startswith("OTEL_")}
     return dict(
@@ -68,7 +69,9 @@ def launcher_env(
         BYTEWAX_DATAFLOW_API_ENABLED="true",
         BYTEWAX_DATAFLOW_API_PORT=str(base + 2 * processes),
         BYTEWAX_DATAFLOW_API_CACHE_PATH=str(tmp_path),  # a directory
-        STREAMSIGHT_RECOVERY_DIR=str(tmp_path / "recovery"),
+        BYTEWAX_RECOVERY_DIRECTORY=str(tmp_path / "recovery"),
+        BYTEWAX_SNAPSHOT_INTERVAL="1",
+        BYTEWAX_RECOVERY_BACKUP_INTERVAL="0",
         STREAMSIGHT_RECOVERY_PARTITIONS=str(PARTITIONS),
         **extra,
     )
@@ -87,11 +90,12 @@ def launch(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes
 
 
 def scrape(port: int) -> str | None:
-    """The text of `http://127.0.0.1:<port>/metrics`, or None while it does not answer."""
+    """The text of `http://127.0.0.1:<port>/metrics`, or None while it does not answer
+    with HTTP (another program on this busy machine may hold the port for a moment)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
             return reply.read().decode(errors="replace")
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return None
 
 
@@ -140,7 +144,6 @@ def topics(
         "STREAMSIGHT_INPUT_TOPIC": names["frames"],
         "STREAMSIGHT_OUTPUT_TOPIC": names["detections"],
         "STREAMSIGHT_DEAD_LETTER_TOPIC": names["dead"],
-        "STREAMSIGHT_SNAPSHOT_INTERVAL_S": "0.5",
         "STREAMSIGHT_SINK": f"sqlite:///{tmp_path / 'sink.db'}",
         "STREAMSIGHT_FETCH_BATCH_SIZE": "4",
         "STREAMSIGHT_BATCH_MAX_SIZE": "4",
