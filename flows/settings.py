@@ -14,10 +14,9 @@ import re
 import sys
 import types
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -25,6 +24,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from operators.contract import MAX_ID_LENGTH
+from operators.sink_url import SinkUrl, parse_sink_url
 
 DEFAULT_SINK = "sqlite:///.streamsight/detections.db"
 ENV_PREFIX = "STREAMSIGHT_"
@@ -47,7 +47,6 @@ _OTLP_HEADER = re.compile(
     r"[ \t]*[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*"
 )
 _OTLP_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
-_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 # The form a setting takes, for those whose type does not say it (see `expected_form`).
 FORMS: dict[str, str] = {
@@ -330,7 +329,7 @@ class Settings(BaseSettings):
     @field_validator("sink")
     @classmethod
     def _sink_form(cls, value: str) -> str:
-        return _check_sink(value)
+        return parse_sink_url(value).url
 
     @field_validator("metrics_addr")
     @classmethod
@@ -403,11 +402,10 @@ class Settings(BaseSettings):
         config.update({k: v for k, v in optional.items() if v is not None})
         return config
 
-    def sqlite_path(self) -> Path | None:
-        """The SQLite file of a `sqlite:///` sink, else None."""
-        if not self.sink.startswith("sqlite:"):
-            return None
-        return Path(self.sink.removeprefix("sqlite:///").removeprefix("sqlite://"))
+    @cached_property
+    def sink_url(self) -> SinkUrl:
+        """The sink URL, parsed (its database system, SQLite file and redacted form)."""
+        return parse_sink_url(self.sink)
 
 
 def _reveal(secret: SecretStr | None) -> str | None:
@@ -460,28 +458,6 @@ def _is_ipv6(text: str) -> bool:
         return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
     except ValueError:
         return False
-
-
-def _check_sink(url: str) -> str:
-    """`url` with its scheme in lower case; ValueError (without the URL: it may hold a
-    password) unless it is `sqlite:///PATH` or a well-formed `postgresql://` URL."""
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in ("sqlite", "postgresql", "postgres"):
-        raise ValueError("not a sqlite:/// or postgresql:// URL")
-    if scheme == "sqlite":
-        if not rest.startswith("/") or rest in ("/", "//") or rest.endswith("/"):
-            raise ValueError("a sqlite URL needs a file path after sqlite:///")
-        return f"{scheme}://{rest}"
-    try:
-        port = urlsplit(url).port
-    except ValueError:
-        raise ValueError("the port is not a number from 1 to 65535") from None
-    if port == 0:
-        raise ValueError("the port is not a number from 1 to 65535")
-    if _BAD_PERCENT.search(rest):
-        raise ValueError("has a % that is not followed by two hex digits")
-    return f"{scheme}://{rest}"
 
 
 def path_problems(settings: Settings) -> dict[str, str]:

@@ -57,7 +57,7 @@ logging.basicConfig(
 # Fail fast, with one clear line, on a sink that cannot be opened or a model that cannot
 # be loaded, before any worker starts.
 try:
-    open_store(settings.sink).close()
+    open_store(settings.sink_url).close()
 except StoreError as exc:
     raise SystemExit(f"streamsight: {exc}") from None
 
@@ -66,7 +66,7 @@ try:
     tracing = setup_tracing()
 except ValueError as exc:  # an unsupported OTEL_TRACES_EXPORTER or OTLP protocol
     raise SystemExit(f"streamsight: {exc}") from None
-store_system = "sqlite" if settings.sink.startswith("sqlite") else "postgresql"
+store_system = settings.sink_url.system
 
 demo: Demo | None = None
 if settings.embedded:

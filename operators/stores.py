@@ -1,9 +1,10 @@
 """The database layer of the idempotent sink: SQLite or PostgreSQL.
 
 `open_store(url)` takes `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` or
-`postgresql://user:password@host:port/dbname` (also `postgres://`) and returns a
-`DetectionStore`. The tables are created when a store is opened, if they do not exist.
-A SQLite file's directory must exist, except the default `.streamsight/`, which is created
+`postgresql://user:password@host:port/dbname` (also `postgres://`), as text or as the
+`SinkUrl` that `operators.sink_url` parses it into, and returns a `DetectionStore`. The
+tables are created when a store is opened, if they do not exist. A SQLite file's
+directory must exist, except the default `.streamsight/`, which is created
 when its own parent exists: a mistyped path never creates directories elsewhere.
 
 Frames are keyed by `frame_id` (see `FrameMeta`), dead letters by the Kafka coordinates of
@@ -85,13 +86,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import psycopg.errors
 from psycopg import sql
 
 from operators.frames import DeadLetter, Detection, FrameResult
+from operators.sink_url import MASK, SinkUrl, parse_sink_url, redact_url, url_passwords
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,6 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 POSTGRES_CONNECT_TIMEOUT_S = 10
 POSTGRES_ROWS_PER_STATEMENT = 1000
 APPLICATION_NAME = "streamsight-sink"
-MASK = "***"
 
 RESULT_COLUMNS: tuple[str, ...] = (
     "frame_id",
@@ -298,72 +298,25 @@ class DetectionStore(Protocol):
         ...
 
 
-def open_store(url: str) -> DetectionStore:
-    """Open (and create the tables of) the store at `url`: `sqlite:///PATH` or
-    `postgresql://...` / `postgres://...`."""
-    scheme = url.split(":", 1)[0].lower()
-    if scheme == "sqlite":
-        return SQLiteStore(sqlite_path(url))
-    if scheme in ("postgresql", "postgres"):
-        return PostgresStore(url)
-    raise ValueError(f"unsupported store URL {redact_url(url)!r}: use sqlite:/// or postgresql://")
-
-
-def sqlite_path(url: str) -> Path:
-    """The file of a `sqlite:///relative` or `sqlite:////absolute` URL."""
-    if not url.lower().startswith("sqlite://"):
-        raise ValueError(f"not a sqlite URL: {url!r}")
-    path = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url[9:]
-    if not path:
-        raise ValueError(f"sqlite URL without a path: {url!r}")
-    return Path(path)
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password (user info or `password=` query parameter) masked."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return f"{url.split(':', 1)[0]}://{MASK}"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = f"{userinfo.split(':', 1)[0]}:{MASK}"
-        netloc = f"{userinfo}@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(key, MASK if key.lower() == "password" else value) for key, value in pairs],
-            safe="*",
-        )
-    if netloc == parts.netloc and query == parts.query:
-        return url  # nothing to mask; urlunsplit would also drop sqlite's empty host
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _url_passwords(url: str) -> list[str]:
-    """The passwords written in `url`, raw and percent-decoded."""
-    found: list[str] = []
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return found
-    userinfo = parts.netloc.rpartition("@")[0]
-    if ":" in userinfo:
-        found.append(userinfo.split(":", 1)[1])
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key.lower() == "password":
-            found.append(value)
-    for value in list(found):
-        found.append(unquote(value))
-    return sorted({value for value in found if value}, key=len, reverse=True)
+def open_store(url: str | SinkUrl) -> DetectionStore:
+    """Open (and create the tables of) the store at `url` (see `operators.sink_url`):
+    `sqlite:///PATH` or `postgresql://...` / `postgres://...`. ValueError, with the URL's
+    password masked, for a URL of neither form."""
+    if isinstance(url, str):
+        try:
+            url = parse_sink_url(url)
+        except ValueError as exc:
+            # Without a scheme the text may be anything, a pasted password included.
+            shown = repr(redact_url(url)) if "://" in url else "without a scheme"
+            raise ValueError(f"unsupported store URL {shown}: {exc}") from None
+    if url.path is not None:
+        return SQLiteStore(url.path)
+    return PostgresStore(url.url)
 
 
 def _scrub(text: str, url: str) -> str:
     """`text` with the URL's passwords masked."""
-    for secret in _url_passwords(url):
+    for secret in url_passwords(url):
         text = text.replace(secret, MASK)
     return text
 

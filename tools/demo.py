@@ -29,7 +29,7 @@ from rich.table import Table
 from flows.settings import Settings, parse_size
 from operators.dead_letters import STALE
 from operators.kafka_io import CheckedProducer, producer_config
-from operators.stores import detections_from_json, open_store, redact_url
+from operators.stores import detections_from_json, open_store
 from operators.tally import Tally
 from operators.telemetry.tracing import Tracing, send_tracer
 from operators.workers import threads_per_worker, workers_per_process
@@ -355,7 +355,7 @@ class Demo:
             if self._first_sample is not None:
                 run = self._readings(self._first_sample, RegistrySample.read(time.monotonic()))
                 self.console.print(diagnose(run).verdict, markup=False, highlight=False)
-            self.console.print(f"detections stored in {redact_url(self.settings.sink)}")
+            self.console.print(f"detections stored in {self.settings.sink_url.redacted}")
         self.broker.close()
         if self.error or summary.missing:
             self.console.print(f"[red]{self.error or f'{summary.missing} frames missing'}")

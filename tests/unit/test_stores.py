@@ -19,10 +19,12 @@ import pytest
 
 from operators import stores
 from operators.frames import DeadLetter, Detection, FrameMeta, FrameResult
+from operators.sink_url import parse_sink_url
 from operators.stores import (
     DEAD_LETTER_COLUMNS,
     RESULT_COLUMNS,
     DetectionStore,
+    PostgresStore,
     RowsRejected,
     SQLiteStore,
     StoreConnectionError,
@@ -508,8 +510,9 @@ def test_connection_error_never_shows_the_password(template: str) -> None:
     secret = "PlantedSecret-9f3kQ"
     url = template.format(secret=secret, port=free_port())
 
+    # The store itself, given a URL the settings would refuse (a stray %) too.
     with pytest.raises(StoreConnectionError) as info:
-        open_store(url)
+        PostgresStore(url)
 
     rendered = "".join(traceback.format_exception(info.value))
     assert "cannot connect to PostgreSQL at" in str(info.value)
@@ -525,3 +528,68 @@ def test_connection_error_never_shows_the_password(template: str) -> None:
 )
 def test_redact_url_leaves_a_url_without_secrets_as_it_is(url: str) -> None:
     assert redact_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "system", "path", "redacted"),
+    [
+        ("sqlite:///.streamsight/d.db", "sqlite", "sqlite", Path(".streamsight/d.db"), None),
+        ("SQLite:////tmp/x.db", "sqlite", "sqlite", Path("/tmp/x.db"), "sqlite:////tmp/x.db"),
+        ("sqlite:///:memory:", "sqlite", "sqlite", Path(":memory:"), None),
+        ("postgresql://db.local/app", "postgresql", "postgresql", None, None),
+        (
+            "postgres://app:s3cr%40t@db:5432/x?password=p2&sslmode=require",
+            "postgres",
+            "postgresql",
+            None,
+            "postgres://app:***@db:5432/x?password=***&sslmode=require",
+        ),
+    ],
+)
+def test_a_sink_url_is_parsed_once_into_what_every_reader_needs(
+    url: str, scheme: str, system: str, path: Path | None, redacted: str | None
+) -> None:
+    sink = parse_sink_url(url)
+    assert (sink.scheme, sink.system, sink.path) == (scheme, system, path)
+    assert sink.url == f"{scheme}://{url.partition('://')[2]}"
+    assert sink.redacted == (redacted or sink.url)
+    assert str(sink) == sink.redacted and "s3cr" not in repr(sink) and "p2" not in repr(sink)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("sqlite://", "file path"),
+        ("sqlite:///", "file path"),
+        ("sqlite://x.db", "file path"),
+        ("sqlite:///dir/", "file path"),
+        ("mysql://u:PlantedSecret-2@db/x", "not a sqlite"),
+        ("PlantedSecret-2", "not a sqlite"),
+        ("postgresql://u:PlantedSecret-2@db:port/x", "port"),
+        ("postgresql://u:PlantedSecret-2@db:0/x", "port"),
+        ("postgresql://u:PlantedSecret-2%zz@db/x", "%"),
+    ],
+)
+def test_a_bad_sink_url_is_refused_without_repeating_it(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)) as parse:
+        parse_sink_url(url)
+    assert "PlantedSecret-2" not in str(parse.value)
+    with pytest.raises(ValueError) as opening:
+        open_store(url)
+    assert "PlantedSecret-2" not in str(opening.value) and problem in str(opening.value)
+
+
+def test_settings_and_the_store_read_the_same_sqlite_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    settings = Settings(sink="SQLITE:///data/d.db")
+    assert settings.sink == "sqlite:///data/d.db"
+    assert settings.sink_url == parse_sink_url("sqlite:///data/d.db")
+    open_store(settings.sink_url).close()
+    open_store(settings.sink).close()
+    assert (tmp_path / "data" / "d.db").exists()
+    assert settings.sink_url.path == Path("data/d.db")
