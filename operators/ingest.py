@@ -16,7 +16,7 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
 from bytewax.dataflow import Dataflow, Stream, operator
-from bytewax.inputs import Source, StatefulSourcePartition
+from bytewax.inputs import FixedPartitionedSource, Source, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
 
 from operators import dead_letters as dl
@@ -33,6 +33,8 @@ FETCH_WAIT_MAX_MS = 20
 PREFETCH_MAX_KBYTES = 4096
 
 EndOffsets = Callable[[], Mapping[tuple[str, int], int] | None]
+KafkaItem = KafkaSourceMessage[bytes | None, bytes | None] | KafkaError[bytes | None, bytes | None]
+"""What Bytewax's KafkaSource emits with `raise_on_errors=False`."""
 
 
 def to_raw_frame(msg: KafkaSourceMessage) -> RawFrame:
@@ -86,41 +88,28 @@ class _BoundedPartition(StatefulSourcePartition[Any, int | None]):
         self._inner.close()
 
 
-class FrameKafkaSource(KafkaSource):
-    """Bytewax's KafkaSource with consumer-only settings and optional end offsets.
+class FrameKafkaSource(FixedPartitionedSource[KafkaItem, int | None]):
+    """A Kafka source whose partitions stop at end offsets that become known while the
+    flow runs: each stops once it reaches `end_offsets()[(topic, partition)]` (as soon as
+    that mapping is known; until then it tails).
 
-    `consumer_config` reaches the partition consumers only (KafkaSource hands its
-    `add_config` to its admin client too, which warns about consumer properties). With
-    `end_offsets`, each partition stops once it reaches `end_offsets()[(topic, partition)]`
-    (as soon as that mapping is known; until then it tails).
+    It wraps Bytewax's `KafkaSource` through the public source API only (`list_parts`,
+    `build_part`): Bytewax workers share one source object across threads.
     """
 
-    def __init__(
-        self,
-        brokers: list[str],
-        topics: list[str],
-        *,
-        consumer_config: dict[str, Any],
-        end_offsets: EndOffsets | None = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(brokers, topics, **kw)
-        self._consumer_config = consumer_config
-        self._end_offsets = end_offsets
+    def __init__(self, kafka: KafkaSource, end_offsets: EndOffsets) -> None:
+        self.kafka = kafka
+        self.end_offsets = end_offsets
+
+    def list_parts(self) -> list[str]:
+        return self.kafka.list_parts()
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: int | None
-    ) -> StatefulSourcePartition:
-        shared = self._add_config
-        self._add_config = {**shared, **self._consumer_config}
-        try:
-            inner = super().build_part(step_id, for_part, resume_state)
-        finally:
-            self._add_config = shared
-        if self._end_offsets is None:
-            return inner
+    ) -> StatefulSourcePartition[KafkaItem, int | None]:
+        inner = self.kafka.build_part(step_id, for_part, resume_state)
         idx, topic = for_part.split("-", 1)
-        return _BoundedPartition(inner, topic, int(idx), self._end_offsets)
+        return _BoundedPartition(inner, topic, int(idx), self.end_offsets)
 
 
 def frame_source(
@@ -131,25 +120,27 @@ def frame_source(
     batch_size: int,
     tail: bool,
     end_offsets: EndOffsets | None = None,
-) -> KafkaSource:
+) -> FixedPartitionedSource[KafkaItem, int | None]:
     """The Kafka source of frames: tailing, stopping at the topic end, or bounded."""
-    return FrameKafkaSource(
+    kafka = KafkaSource(
         bootstrap.split(","),
         [topic],
         tail=tail or end_offsets is not None,
         starting_offset=OFFSET_BEGINNING,
+        # KafkaSource gives these to its partition consumers and to the admin client that
+        # lists the partitions, which ignores the consumer properties (librdkafka queues a
+        # CONFWARN line for `queued.max.messages.kbytes`, which it serves only on a poll
+        # of that client, and Bytewax never polls it).
         add_config={
             **{k: v for k, v in client_config.items() if k != "bootstrap.servers"},
             "logger": librdkafka_logger,
-        },
-        consumer_config={
             "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
             "queued.max.messages.kbytes": PREFETCH_MAX_KBYTES,
         },
         batch_size=batch_size,
         raise_on_errors=False,
-        end_offsets=end_offsets,
     )
+    return kafka if end_offsets is None else FrameKafkaSource(kafka, end_offsets)
 
 
 def receive(item: KafkaSourceMessage | KafkaError) -> RawFrame | DeadLetter:
