@@ -81,7 +81,7 @@ def test_bad_configuration_fails_fast_with_a_clear_error(tmp_path: Path) -> None
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "batch_max_size" in proc.stderr
+    assert "STREAMSIGHT_BATCH_MAX_SIZE" in proc.stderr
 
 
 @pytest.mark.parametrize(
