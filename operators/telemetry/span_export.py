@@ -543,7 +543,10 @@ def export_main() -> None:
     )
     quiet_exporter_logs()
     source = sys.stdin.buffer
-    make_exporter, attributes, schema_url, (name, version, scope_schema) = pickle.load(source)
+    # The header names the compact record types too: unpickling them loads their module
+    # here, before the first batch arrives.
+    make_exporter, attributes, schema_url, scope_fields, _ = pickle.load(source)
+    name, version, scope_schema = scope_fields
     made = make_exporter() if make_exporter is not None else environment_exporter()
     exporter = made if isinstance(made, GuardedExporter) else GuardedExporter(made)
     resource = Resource(attributes, schema_url)
@@ -581,9 +584,10 @@ class ExportProcess(SpanProcessor):
     whatever has gathered after `interval_s`, default `OTEL_BSP_SCHEDULE_DELAY` or 1 s) and
     piped to a Python process that builds the exporter (`make_exporter`, an importable
     callable; default: from the `OTEL_*` environment) and exports their spans under
-    `resource` and `scope`. At most `max_batches` wait to be piped; beyond that batches are
-    dropped (counted, logged once), so tracing never holds the flow back. The child ends
-    when its input closes, also when this process dies."""
+    `resource` and `scope`. `record_types` are the compact record types it will receive
+    (loaded there at start). At most `max_batches` wait to be piped; beyond that batches
+    are dropped (counted, logged once), so tracing never holds the flow back. The child
+    ends when its input closes, also when this process dies."""
 
     def __init__(
         self,
@@ -591,6 +595,7 @@ class ExportProcess(SpanProcessor):
         make_exporter: Callable[[], SpanExporter] | None = None,
         *,
         scope: InstrumentationScope | None = None,
+        record_types: Sequence[type] = (),
         batch_size: int = 256,
         interval_s: float | None = None,
         max_batches: int = 256,
@@ -631,6 +636,7 @@ class ExportProcess(SpanProcessor):
             dict(resource.attributes),
             resource.schema_url,
             (scope.name, scope.version, scope.schema_url),
+            tuple(record_types),
         )
         self._writer = threading.Thread(target=self._write, name="span-export-pipe", daemon=True)
         self._writer.start()

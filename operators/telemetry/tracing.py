@@ -321,7 +321,8 @@ def setup_tracing(
         guarded = GuardedExporter(exporter)
         span_processor = processor(guarded)
     else:
-        span_processor = ExportProcess(resource, make_exporter, scope=scope)
+        compact = (PreparedSpans, InferredSpans, WrittenSpans)
+        span_processor = ExportProcess(resource, make_exporter, scope=scope, record_types=compact)
     provider = TracerProvider(
         resource=resource,
         sampler=parent_based_sampler(),
@@ -896,6 +897,8 @@ def traced_prepare(
         ended = time.time_ns()
         headers = carrier_from_headers(raw.headers)
         parent = span_context_of(headers)
+        if isinstance(out, PreparedFrame) and _unsampled(parent, headers, out.meta):
+            return out  # the producer's decision travels on in the frame's own carrier
         start = _ingest_start(raw.timestamp_ms, raw.ingest_ns)
         name = f"process {raw.topic}"
         if isinstance(out, PreparedFrame):
@@ -932,6 +935,14 @@ def traced_prepare(
         return replace(out, trace_carrier=carrier_of(ingest, str(attributes[JOB_ID]), parent_ctx))
 
     return run
+
+
+def _unsampled(parent: Ctx | None, headers: Mapping[str, str], meta: FrameMeta) -> bool:
+    """Whether a frame's trace was dropped by its producer (not sampled) and its carrier
+    already says so: then none of its spans is recorded."""
+    if parent is None or sampled(parent):
+        return False
+    return meta.trace_carrier.get("traceparent") == headers.get("traceparent")
 
 
 def _ingest_start(timestamp_ms: int | None, ingest_ns: int) -> int:
@@ -1026,6 +1037,8 @@ def traced_infer(
         frames = batch.frames
         metas = [frame.meta for frame in frames]
         parents = [span_context_of(meta.trace_carrier) for meta in metas]
+        if all(parent is not None and not sampled(parent) for parent in parents):
+            return infer(batch)  # none of these frames' traces is recorded
         batch_id = batch.batch_id
         links: list[SpanLink] = [
             (parent, {FRAME_ID: bounded(meta.frame_id)})

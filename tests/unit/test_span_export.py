@@ -324,6 +324,30 @@ def test_telemetry_leaves_the_stages_records_as_they_are() -> None:
     assert [dict(m.meta.trace_carrier) for m in made if isinstance(m, PreparedFrame)] == carriers
 
 
+def test_a_frame_its_producer_did_not_sample_is_passed_on_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+    tracing, piped = piped_tracing()
+    made: list[Any] = []
+    outs = prepare_frames(tracing, frames=4, made=made)
+    # Nothing to record and nothing to copy: the frame keeps the producer's carrier.
+    assert [o is m for o, m in zip(outs, made, strict=True)] == [True, True, True, False]
+    trace_ids = {o.meta.trace_carrier["traceparent"].split("-")[1] for o in outs[:3]}
+    assert all(o.meta.trace_carrier["traceparent"].endswith("-00") for o in outs[:3])
+    now = time.time_ns()
+    good = tuple(outs[:3])
+    results = traced_infer(tracing, infer_stage)(FrameBatch("0", good, "size", now, now, "b1"))
+    writes = write_tracer(tracing, topic="detections", store="sqlite")
+    assert writes is not None
+    with writes([*results, outs[3]]) as batch:
+        carriers = [batch.carrier(r) for r in results]
+    assert piped.records == []  # not one span, whole traces dropped
+    # Output messages go on in the producer's trace, not sampled.
+    assert {c["traceparent"].split("-")[1] for c in carriers} == trace_ids
+    assert all(c["traceparent"].endswith("-00") for c in carriers)
+
+
 def test_a_frame_restored_from_a_snapshot_is_inferred_under_its_carrier() -> None:
     tracing, piped = piped_tracing()
     # Its carrier holds its ingest span's context, written when it was decoded.
