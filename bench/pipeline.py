@@ -74,6 +74,9 @@ MIN_WINDOW_S = 1.0
 """A rate is a figure only from a window of at least this many frames over at least this
 long: a busy machine can squeeze a short run's writes into a few milliseconds (96 frames
 in 2 ms once gave a ratio of 17)."""
+OVERLOAD_CAMERAS = 16
+"""Cameras (a partition each) of the overload runs: the backlog that builds without an age
+limit must fit in what the embedded broker keeps (`MOCK_PARTITION_BYTES` a partition)."""
 PACED_WARM_UP_S = 2.0
 """Seconds at the start of a paced run whose frames do not count toward its latency."""
 DEFAULT_FRAME_SIZE = (320, 240)
@@ -639,33 +642,43 @@ class Bench:
         """The embedded broker's address."""
         return self.broker.bootstrap
 
-    @property
-    def max_ahead(self) -> int:
-        """Frames that may wait in a topic unread: what the embedded broker keeps of its
-        partitions (`MOCK_PARTITION_BYTES` each) with room to spare, in whole ticks."""
+    def max_ahead(self, cameras: int = CAMERAS) -> int:
+        """Frames that may wait unread in a topic of `cameras` partitions: what the
+        embedded broker keeps of each (`MOCK_PARTITION_BYTES`) with room to spare, in
+        whole ticks."""
         largest = max(len(j) for j in self.jpegs)
         per_partition = int(0.5 * MOCK_PARTITION_BYTES / largest)
-        return max(per_partition, 1) * CAMERAS
+        return max(per_partition, 1) * cameras
 
-    def fits(self, frames: int) -> bool:
+    def fits(self, frames: int, cameras: int = CAMERAS) -> bool:
         """Whether `frames` frames can all wait in a topic at once (see `max_ahead`)."""
-        return frames <= self.max_ahead
+        return frames <= self.max_ahead(cameras)
 
-    def topic(self, name: str) -> str:
+    def topic(self, name: str, partitions: int = CAMERAS) -> str:
         """A fresh topic with one partition per camera."""
         topic = f"{name}-{next(self._ids)}"
-        self.broker.create_topic(topic, CAMERAS)
+        self.broker.create_topic(topic, partitions)
         return topic
 
     def publish(
-        self, topic: str, frames: int, fps: float = 0.0, job: str = "bench"
+        self,
+        topic: str,
+        frames: int,
+        fps: float = 0.0,
+        job: str = "bench",
+        cameras: int = CAMERAS,
     ) -> dict[tuple[str, int], int]:
         """Publish frames (paced at `fps` frames/s over all cameras; 0 = unpaced); the
         end offset of each partition."""
-        return publish_frames(self.bootstrap, topic, self.jpegs, frames, fps, job)
+        return publish_frames(self.bootstrap, topic, self.jpegs, frames, fps, job, cameras=cameras)
 
     def publish_elsewhere(
-        self, topic: str, frames: int, fps: float, ahead_of: Sequence[str] = ()
+        self,
+        topic: str,
+        frames: int,
+        fps: float,
+        ahead_of: Sequence[str] = (),
+        cameras: int = CAMERAS,
     ) -> Feed:
         """Start publishing as `publish` does, from a process of its own (a camera does
         not share the dataflow's interpreter). With `ahead_of` (the topics the flow writes
@@ -686,7 +699,8 @@ class Bench:
                 str(frames),
                 str(fps),
                 ",".join(ahead_of),
-                str(self.max_ahead if ahead_of else 0),
+                str(self.max_ahead(cameras) if ahead_of else 0),
+                str(cameras),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -815,14 +829,15 @@ class Bench:
         *,
         telemetry: bool = False,
         layout: WorkerLayout | None = None,
+        cameras: int = CAMERAS,
     ) -> RunResult:
         """Frames/s over a topic filled before the flow starts; run again with more frames
         (`reruns` times at most) while the rate's window is too short to be a figure."""
 
         def run_at(count: int) -> RunResult:
-            topic = self.topic("bench-sat")
-            if self.fits(count):
-                self.publish(topic, count)
+            topic = self.topic("bench-sat", cameras)
+            if self.fits(count, cameras):
+                self.publish(topic, count, cameras=cameras)
                 return self.run_flow(settings, topic, telemetry=telemetry, layout=layout)
             # More frames than the broker keeps (large frames): published during the run,
             # never more than it keeps ahead of what the flow has written, so the flow
@@ -832,7 +847,9 @@ class Bench:
                 topic,
                 telemetry=telemetry,
                 layout=layout,
-                feed=lambda outputs: self.publish_elsewhere(topic, count, 0.0, outputs).end_offsets,
+                feed=lambda outputs: (
+                    self.publish_elsewhere(topic, count, 0.0, outputs, cameras).end_offsets
+                ),
             )
 
         return until_valid(run_at, frames, self.reruns, self.max_frames)
@@ -860,16 +877,17 @@ class Bench:
         fps: float,
         seconds: float,
         warm_up_s: float = PACED_WARM_UP_S,
+        cameras: int = CAMERAS,
     ) -> dict[str, Any]:
-        """Offer `fps` frames/s (more than the flow can take) for `warm_up_s` + `seconds`,
-        the flow tailing the topic until it has processed or skipped every frame: the
-        figures of `overload_figures`."""
-        topic = self.topic("bench-overload")
-        frames = max(int(fps * (warm_up_s + seconds)), CAMERAS)
+        """Offer `fps` frames/s (more than the flow can take) from `cameras` cameras for
+        `warm_up_s` + `seconds`, the flow tailing the topic until it has processed or
+        skipped every frame: the figures of `overload_figures`."""
+        topic = self.topic("bench-overload", cameras)
+        frames = max(int(fps * (warm_up_s + seconds)), cameras)
         feeds: list[Feed] = []
 
         def feed(_: Sequence[str]) -> EndOffsets:
-            feeds.append(self.publish_elsewhere(topic, frames, fps))
+            feeds.append(self.publish_elsewhere(topic, frames, fps, cameras=cameras))
             return feeds[0].end_offsets
 
         run = self.flow_run(settings, topic, feed=feed)
@@ -879,6 +897,7 @@ class Bench:
             raise RuntimeError("the publishing process reported no times")
         figures = overload_figures(run, sent, started, ended, warm_up_s)
         figures["offered_fps"] = round(fps, 1)
+        figures["cameras"] = cameras
         figures["max_frame_age_ms"] = settings.max_frame_age_ms
         return figures
 
@@ -897,7 +916,7 @@ class Bench:
             feeder = threading.Thread(
                 target=publish_frames,
                 args=(self.bootstrap, topic, self.jpegs, frames),
-                kwargs={"processed": lambda: done, "max_ahead": self.max_ahead},
+                kwargs={"processed": lambda: done, "max_ahead": self.max_ahead()},
                 name="naive-camera",
                 daemon=True,
             )
@@ -1040,21 +1059,22 @@ def frame_ticks(
     frames: int,
     processed: Callable[[], int] | None = None,
     max_ahead: int = 0,
+    cameras: int = CAMERAS,
 ) -> Iterator[list[OutgoingFrame]]:
-    """`frames` frames (rounded up to whole ticks of CAMERAS) re-using the rendered
+    """`frames` frames (rounded up to whole ticks of `cameras`) re-using the rendered
     `jpegs`; the capture time is stamped when a tick is taken. With `processed` (frames
     the reader has dealt with so far), a tick waits while `max_ahead` frames or more are
     sent and not yet dealt with."""
     known = 0
-    for seq in range(-(-frames // CAMERAS)):
-        while processed is not None and seq * CAMERAS - known >= max(max_ahead, CAMERAS):
+    for seq in range(-(-frames // cameras)):
+        while processed is not None and seq * cameras - known >= max(max_ahead, cameras):
             known = processed()
-            if seq * CAMERAS - known >= max(max_ahead, CAMERAS):
+            if seq * cameras - known >= max(max_ahead, cameras):
                 time.sleep(0.01)
         now_ms = time.time() * 1000.0
         yield [
-            OutgoingFrame(camera_id(i), seq, jpegs[(seq * CAMERAS + i) % len(jpegs)], now_ms)
-            for i in range(CAMERAS)
+            OutgoingFrame(camera_id(i), seq, jpegs[(seq * cameras + i) % len(jpegs)], now_ms)
+            for i in range(cameras)
         ]
 
 
@@ -1068,10 +1088,11 @@ def publish_frames(
     *,
     processed: Callable[[], int] | None = None,
     max_ahead: int = 0,
+    cameras: int = CAMERAS,
 ) -> dict[tuple[str, int], int]:
-    """Publish `frames` frames of `jpegs` to `topic` (paced at `fps` frames/s over all
-    cameras; 0 = unpaced; at most `max_ahead` ahead of `processed`, as `frame_ticks`);
-    the end offset of each partition."""
+    """Publish `frames` frames of `jpegs` from `cameras` cameras, one partition each, to
+    `topic` (paced at `fps` frames/s over all cameras; 0 = unpaced; at most `max_ahead`
+    ahead of `processed`, as `frame_ticks`); the end offset of each partition."""
     settings = Settings(progress=False, metrics_enabled=False)
     producer = CheckedProducer(
         producer_config(settings, bootstrap=bootstrap, client_id="bench-camera")
@@ -1080,10 +1101,10 @@ def publish_frames(
         report = publish(
             producer,
             topic,
-            frame_ticks(jpegs, frames, processed, max_ahead),
+            frame_ticks(jpegs, frames, processed, max_ahead, cameras),
             job_id=job,
-            fps=fps / CAMERAS,
-            partitions=CAMERAS,
+            fps=fps / cameras,
+            partitions=cameras,
         )
     finally:
         producer.close()
@@ -1216,9 +1237,9 @@ def member_main() -> None:
 def publish_main() -> None:
     """The publishing process of a run (`Bench.publish_elsewhere`): argv holds the pickled
     JPEGs' path, the bootstrap, the topic, the frame count, the rate, the topics to stay
-    ahead of (comma-separated, or empty) and how far; the end offsets and when it sent
+    ahead of (comma-separated, or empty), how far, and the cameras; the end offsets and when it sent
     its first and last frames go to stdout as JSON."""
-    path, bootstrap, topic, frames, fps, ahead_of, max_ahead = sys.argv[1:8]
+    path, bootstrap, topic, frames, fps, ahead_of, max_ahead, cameras = sys.argv[1:9]
     jpegs = pickle.loads(Path(path).read_bytes())
     written = WrittenCount(bootstrap, ahead_of.split(",")) if ahead_of else None
     started = time.time_ns()
@@ -1231,6 +1252,7 @@ def publish_main() -> None:
             float(fps),
             processed=written,
             max_ahead=int(max_ahead),
+            cameras=int(cameras),
         )
     finally:
         if written is not None:
@@ -1349,6 +1371,9 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
             "torch_threads_per_worker": (
                 threads_per_worker(layout.total) if bench.inferencer.device.type == "cpu" else None
             ),
+            # Other work on the machine: the figures are only as steady as it is.
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "frame_size": [width, height],
         "model_input_size": [in_w, in_h],
@@ -1418,17 +1443,7 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
         report["adaptive"] = _adaptive(bench, plan, base, adaptive, capacity, by_size, ratios, log)
 
     if "overload" in parts:
-        offered = plan.overload_load * capacity
-        limited = base.model_copy(update={"max_frame_age_ms": plan.max_frame_age_ms})
-        log(
-            f"overload: {offered:.0f} frames/s ({plan.overload_load:.0%} of capacity) for"
-            f" {plan.overload_seconds:g} s, without an age limit, then with"
-            f" STREAMSIGHT_MAX_FRAME_AGE_MS={plan.max_frame_age_ms:g}"
-        )
-        report["overload"] = {
-            "without_limit": bench.overload(base, offered, plan.overload_seconds),
-            "with_limit": bench.overload(limited, offered, plan.overload_seconds),
-        }
+        report["overload"] = _overload(bench, plan, base, log)
 
     memory: dict[str, Any] | None = None
     if "backlog" in parts and plan.backlog_runs:
@@ -1449,12 +1464,44 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
     }
     report["ratios"] = {name: d["value"] for name, d in report["ratio_details"].items()}
     report["ratios"]["rss_100k_over_10k"] = memory["rss_largest_over_smallest"] if memory else None
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     gpu_busy = report["pipeline"].get("gpu_utilisation_pct")
     report["targets"] = {**TARGETS, **GPU_TARGETS} if gpu_busy is not None else TARGETS
     _print(report, console)
     (out / "pipeline.json").write_text(json.dumps(report, indent=2))
     report["plots"] = plot(report, out)
     return report
+
+
+def _overload(bench: Bench, plan: Plan, base: Settings, log: Callable[..., None]) -> dict[str, Any]:
+    """The capacity with `OVERLOAD_CAMERAS` cameras, then `plan.overload_load` times it
+    offered for `plan.overload_seconds` (less if the backlog would outgrow what the
+    embedded broker keeps), without an age limit and with `plan.max_frame_age_ms`."""
+    cameras = OVERLOAD_CAMERAS
+    log(f"overload: the capacity with {cameras} cameras")
+    capacity = bench.saturation(base, plan.saturation_frames, cameras=cameras)
+    offered = plan.overload_load * capacity.fps
+    # Without an age limit the unread backlog grows by the excess every second; the
+    # broker drops what a partition holds past its size, so the run stays within it.
+    room = 0.8 * MOCK_PARTITION_BYTES * cameras / statistics.fmean(len(j) for j in bench.jpegs)
+    excess = max((plan.overload_load - 1.0) * capacity.fps, 1e-9)
+    seconds = max(min(plan.overload_seconds, room / excess - PACED_WARM_UP_S), 1.0)
+    limited = base.model_copy(update={"max_frame_age_ms": plan.max_frame_age_ms})
+    log(
+        f"overload: {offered:.0f} frames/s ({plan.overload_load:.0%} of {capacity.fps:.0f}) for"
+        f" {seconds:.1f} s after {PACED_WARM_UP_S:g} s, without an age limit, then with"
+        f" STREAMSIGHT_MAX_FRAME_AGE_MS={plan.max_frame_age_ms:g}"
+    )
+    return {
+        "cameras": cameras,
+        "capacity": capacity.as_dict(),
+        "load": plan.overload_load,
+        "seconds": round(seconds, 2),
+        "seconds_asked": plan.overload_seconds,
+        "without_limit": bench.overload(base, offered, seconds, cameras=cameras),
+        "with_limit": bench.overload(limited, offered, seconds, cameras=cameras),
+    }
 
 
 def _throughput(
@@ -1938,11 +1985,12 @@ def _print(report: dict[str, Any], console: Console) -> None:
     overload = report.get("overload")
     if overload:
         for key, label in (("without_limit", "no age limit"), ("with_limit", "age limit")):
-            o = overload[key]
+            o: dict[str, Any] = overload[key]
             limit = f" {o['max_frame_age_ms']:g} ms" if o["max_frame_age_ms"] else ""
             rows.append(
                 (
-                    f"overload {o['offered_fps']:.0f} frames/s for {o['offered_seconds']:.0f} s,"
+                    f"overload {o['offered_fps']:.0f} frames/s ({overload['load']:.0%} of"
+                    f" capacity, {overload['cameras']} cameras) for {o['offered_seconds']:.0f} s,"
                     f" {label}{limit}",
                     f"p99 {o['latency_ms']['p99']:.0f} ms of {o['processed']} processed;"
                     f" {o['skipped_stale']} skipped; lag at end {o['lag_at_end']};"
