@@ -4,8 +4,10 @@ that the flow wiring puts around the stages.
 Each frame is one trace: `send frames` (the camera, PRODUCER) -> `process frames` (ingest,
 CONSUMER, child of the context in the Kafka headers) -> `preprocess`, `batch wait`,
 `inference` and `sink write` (children of the ingest span). The ingest span's context
-travels inside the item (`FrameMeta.trace_carrier`), so any worker can continue the trace.
+travels inside the item (`FrameMeta.trace_carrier`, set when the decoded frame is made:
+tracing never changes a record it is given), so any worker can continue the trace.
 Inference and sink writes also get one span per batch that links to every frame's context.
+Finished spans are written as records and exported from a child process (`span_export`).
 
 Configuration is the OpenTelemetry SDK's own: `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER`
 (`otlp`, the default, `console` or `none`), `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`
@@ -66,7 +68,7 @@ from operators.telemetry.span_export import (
     SpanRecord,
     context_record,
     exporter_kind,
-    otlp_protocol,
+    otlp_exporter,
     quiet_exporter_logs,
     readable_span,
 )
@@ -311,7 +313,7 @@ def setup_tracing(
     if kind == "none" and exporter is None and make_exporter is None:
         return Tracing.disabled()
     if kind == "otlp" and exporter is None and make_exporter is None:
-        otlp_protocol()  # an unsupported protocol fails here, not in the child
+        otlp_exporter().shutdown()  # a bad protocol or compression fails here, not in the child
     quiet_exporter_logs()
     resource = build_resource(service_name)
     scope = InstrumentationScope(SCOPE, SERVICE_VERSION)
@@ -683,11 +685,6 @@ def remote_parent(context: Context) -> Ctx | None:
     return context_record(found) if found.is_valid else None
 
 
-def as_remote(ctx: Ctx) -> Ctx:
-    """`ctx` as a later stage reads it back from the carrier (`span_context_of`)."""
-    return (ctx[0], ctx[1], ctx[2] & TraceFlags.SAMPLED, ctx[3], True)
-
-
 def carrier_of(ctx: Ctx, job_id: str | None, parent: Context | None = None) -> dict[str, str]:
     """The W3C headers that continue the trace under `ctx`: `traceparent`, `tracestate`,
     and as `baggage` the parent's entries with the job ID."""
@@ -731,15 +728,6 @@ def source_attributes(
     }
     if consumer_group:
         attributes["messaging.consumer.group.name"] = bounded(consumer_group)
-    return attributes
-
-
-def frame_attributes(meta: FrameMeta, stage: str, consumer_group: str | None = None) -> Attributes:
-    """Job, camera, frame identity and source coordinates of a frame's messaging span."""
-    attributes = step_attributes(meta, stage)
-    if meta.seq is not None:
-        attributes["streamsight.frame.seq"] = meta.seq
-    attributes.update(source_attributes(meta.topic, meta.partition, meta.offset, consumer_group))
     return attributes
 
 

@@ -172,3 +172,20 @@ def test_exports_over_otlp_http(monkeypatch: pytest.MonkeyPatch, http_receiver) 
     assert attributes["job.id"].string_value == "job-http"
     assert attributes["messaging.destination.name"].string_value == "frames"
     assert spans[0].trace_id.hex() == carrier["traceparent"].split("-")[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "brotli"),
+        ("OTEL_TRACES_EXPORTER", "zipkin"),
+    ],
+)
+def test_a_bad_exporter_setting_fails_at_setup(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    # Refused here, in the flow's process, not later in the export process.
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=value.split("/")[-1]):
+        setup_tracing(flush_at_exit=False)
