@@ -262,7 +262,6 @@ def test_kafka_password_reaches_the_client_but_never_the_logs(
         STREAMSIGHT_SASL_USERNAME="streamsight",
         STREAMSIGHT_SASL_PASSWORD=planted,
         STREAMSIGHT_SSL_KEY_PASSWORD=key_password,
-        STREAMSIGHT_RECOVERY_DIR=str(tmp_path / "recovery"),
         STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'sink.db'}",
         STREAMSIGHT_LOG_LEVEL="DEBUG",
         STREAMSIGHT_BROKER_WAIT_S="3",

@@ -116,7 +116,6 @@ def test_doctor_names_the_offered_load_then_inference_with_batches_of_one(
         STREAMSIGHT_INPUT_TOPIC=topics["frames"],
         STREAMSIGHT_OUTPUT_TOPIC=topics["detections"],
         STREAMSIGHT_DEAD_LETTER_TOPIC=topics["dead"],
-        STREAMSIGHT_RECOVERY_DIR=str(tmp_path / "recovery"),
         STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'sink.db'}",
         STREAMSIGHT_METRICS_PORT=str(metrics_port),
         STREAMSIGHT_METRICS_ADDR="127.0.0.1",
