@@ -319,10 +319,14 @@ class RequestExporter(SpanExporter):
 
 
 def _read(path: str | None) -> bytes | None:
+    """The file at `path` (a certificate or key), None for none; unreadable: ValueError."""
     if not path:
         return None
-    with open(path, "rb") as file:
-        return file.read()
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read OTLP certificate or key {path}: {exc.strerror}") from None
 
 
 class OtlpGrpcExporter(RequestExporter):

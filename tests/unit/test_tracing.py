@@ -180,12 +180,14 @@ def test_exports_over_otlp_http(monkeypatch: pytest.MonkeyPatch, http_receiver) 
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
         ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "brotli"),
         ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
     ],
 )
 def test_a_bad_exporter_setting_fails_at_setup(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
     # Refused here, in the flow's process, not later in the export process.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4317")
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=value.split("/")[-1]):
         setup_tracing(flush_at_exit=False)
