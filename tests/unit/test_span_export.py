@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import os
 import pickle
+import shutil
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -682,3 +684,43 @@ def test_the_flow_uses_public_opentelemetry_apis_only() -> None:
                 if text[:1] == "_" and text[:2].islower() and text not in own:
                     problems.append(f"{where}:{node.lineno} reads {text}")
     assert problems == [], problems
+
+
+def _certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_grpc_exporter_sends_over_tls_with_the_configured_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, cert = _certificate(tmp_path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    receiver = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    record = SpanRecord("tls", 0, 1, 2, (5, 6, 1, "", False), None, {}, [], (0, None))
+    request = RequestEncoder(Resource({}), InstrumentationScope("test")).request([record])
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"https://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "5")
+        untrusted = OtlpGrpcExporter()  # the system's CAs: the certificate is refused
+        assert untrusted.export_request(request).name == "FAILURE"
+        untrusted.shutdown()
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(cert))
+        trusted = OtlpGrpcExporter()
+        assert trusted.export_request(request).name == "SUCCESS"
+        trusted.shutdown()
+    finally:
+        server.stop(grace=None)
+    assert [s.name for s in receiver.snapshot()] == ["tls"]
