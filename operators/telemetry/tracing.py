@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, NamedTuple, Protocol
@@ -72,6 +72,7 @@ from operators.telemetry.span_export import (
     quiet_exporter_logs,
     readable_span,
 )
+from operators.workers import run_options
 
 log = logging.getLogger(__name__)
 
@@ -192,23 +193,6 @@ def parent_based_sampler() -> Sampler:
     return ParentBased(LinkAwareSampler(root_sampler()))
 
 
-def bytewax_process_id(argv: Sequence[str] | None = None) -> str | None:
-    """The Bytewax process id of this process (`-i`, `BYTEWAX_PROCESS_ID` or the pod's
-    ordinal in its StatefulSet), or None for a single-process run."""
-    args = list(sys.argv if argv is None else argv)
-    for index, arg in enumerate(args):
-        if arg in ("-i", "--process-id") and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith("--process-id="):
-            return arg.split("=", 1)[1]
-    if _env("BYTEWAX_PROCESS_ID"):
-        return _env("BYTEWAX_PROCESS_ID")
-    pod, statefulset = _env("BYTEWAX_POD_NAME"), _env("BYTEWAX_STATEFULSET_NAME")
-    if pod and statefulset and pod.startswith(statefulset + "-"):
-        return pod.removeprefix(statefulset + "-")
-    return None
-
-
 def build_resource(default_service: str = SERVICE_NAME) -> Resource:
     """Service, process and host, the Bytewax process id, and the Kubernetes pod; then
     `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`, which win."""
@@ -222,9 +206,10 @@ def build_resource(default_service: str = SERVICE_NAME) -> Resource:
         "process.runtime.name": "cpython",
         "process.runtime.version": ".".join(str(v) for v in sys.version_info[:3]),
     }
-    process_id = bytewax_process_id()
-    if process_id is not None:
-        attributes["bytewax.process.id"] = process_id
+    with suppress(ValueError):  # options bytewax.run itself refuses: it reports them
+        process_id = run_options().process_id
+        if process_id is not None:
+            attributes["bytewax.process.id"] = str(process_id)
     if _env("KUBERNETES_SERVICE_HOST") or _env("BYTEWAX_POD_NAME"):
         attributes["k8s.pod.name"] = _env("BYTEWAX_POD_NAME") or _env("POD_NAME") or host
         namespace = _env("POD_NAMESPACE") or _env("K8S_NAMESPACE")
