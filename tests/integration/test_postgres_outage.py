@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -41,15 +39,10 @@ from operators.stores import open_store
 from operators.tally import Tally
 from tests.fixtures.kafka import read_topic
 from tests.fixtures.postgres import (
-    CI_MISSING_MESSAGE,
-    DIR_PREFIX,
-    MISSING_MESSAGE,
-    OWNER_FILE,
     TemporaryPostgres,
     database_url,
-    find_postgres_bindir,
     free_port,
-    remove_abandoned_dirs,
+    temporary_postgres,
 )
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 from tests.integration.test_kafka_flow import run_flow
@@ -66,22 +59,8 @@ FLOW_TIMEOUT_S = 300.0
 @pytest.fixture(scope="module")
 def server() -> Iterator[TemporaryPostgres]:
     """A PostgreSQL server of this module's own, which its tests stop and start."""
-    bindir = find_postgres_bindir()
-    if bindir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(CI_MISSING_MESSAGE, pytrace=False)
-        pytest.skip(MISSING_MESSAGE)
-    remove_abandoned_dirs()
-    root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-    (root / OWNER_FILE).write_text(f"{os.getpid()}\n")
-    pg = TemporaryPostgres(bindir=bindir, root=root)
-    try:
-        pg.initdb()
-        pg.start()
+    with temporary_postgres() as pg:
         yield pg
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
