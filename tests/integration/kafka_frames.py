@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,22 @@ DEAD_LETTERS = len(BAD_FRAMES) + 1
 
 
 def fill_topic(
-    config: dict[str, Any], topic: str, *, cameras: int, frames_per_camera: int, job_id: str
+    config: dict[str, Any],
+    topic: str,
+    *,
+    cameras: int,
+    frames_per_camera: int,
+    job_id: str,
+    first_seq: int = 0,
 ) -> set[str]:
-    """Publish synthetic frames, BAD_FRAMES and two repeats of cam-0/0; return the good
-    frames' identities."""
+    """Publish synthetic frames `first_seq..first_seq + frames_per_camera - 1` of each
+    camera, BAD_FRAMES and two repeats of cam-0/0; return the good frames' identities."""
     producer = CheckedProducer({**config, "enable.idempotence": True, "acks": "all"})
     try:
         publish(
             producer,
             topic,
-            synthetic_frames(cameras, frames_per_camera),
+            islice(synthetic_frames(cameras, first_seq + frames_per_camera), first_seq, None),
             job_id=job_id,
             fps=0,
             partitions=4,
@@ -54,7 +61,8 @@ def fill_topic(
         producer.flush_and_check()
     finally:
         producer.close()
-    return {f"{job_id}/cam-{c}/{s}" for c in range(cameras) for s in range(frames_per_camera)}
+    seqs = range(first_seq, first_seq + frames_per_camera)
+    return {f"{job_id}/cam-{c}/{s}" for c in range(cameras) for s in seqs}
 
 
 def stored(db: Path) -> tuple[int, int, int]:

@@ -288,6 +288,23 @@ def test_every_dashboard_query_answers_from_the_running_flow(
             "sum(streamsight_dead_letters_total)",
             lambda r: r and float(r[0]["value"][1]) >= DEAD_LETTERS,
         )
+        # A rate needs an increase between two scrapes. A fast machine handles the first
+        # batch inside one scrape interval, so a second batch follows once Prometheus holds
+        # the first one's totals.
+        again = fill_topic(
+            kafka_config,
+            topics["frames"],
+            cameras=4,
+            frames_per_camera=10,
+            job_id="dashboards",
+            first_seq=10,
+        )
+        wait_for(
+            url,
+            "sum(streamsight_sink_rows_written_total{sink='results'})",
+            lambda r: r and float(r[0]["value"][1]) >= len(expected) + len(again),
+            timeout_s=90,
+        )
         # Every stage reports under its step id: Bytewax's series by its step path, ours
         # by the `stage` label.
         steps = wait_for(
