@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from flows.pipeline import build_flow
 from flows.recovery import set_up_recovery
 from flows.settings import load_settings, parse_size
+from operators import stages
 from operators.frames import DeadLetter, FrameResult
 from operators.inference import shared_inferencer
 from operators.ingest import frame_source
@@ -172,7 +173,12 @@ flow = build_flow(
         producer,
         topic=settings.dead_letter_topic,
         on_letters=on_letters,
-        trace_writes=write_tracer(tracing, topic=settings.dead_letter_topic, store=store_system),
+        trace_writes=write_tracer(
+            tracing,
+            topic=settings.dead_letter_topic,
+            store=store_system,
+            stage=stages.DEAD_LETTER_SINK,
+        ),
         retry_s=settings.sink_retry_s,
         on_outage=metrics.sink_outage if metrics else None,
         on_give_up=exit_process,

@@ -578,6 +578,8 @@ class WrittenSpans(NamedTuple):
     failure: str | None
     """The exception type when the whole write failed."""
     writes: list[SinkWrite]
+    stage: str
+    """The sink's step id: `sink` or `dead_letter_sink`."""
 
     def spans(self, ids: Ids) -> list[SpanRecord]:
         """One span per sampled write, and the batch span; `ids` makes its ids."""
@@ -589,7 +591,7 @@ class WrittenSpans(NamedTuple):
             if not sampled(write.context):
                 continue
             if write.letter is None:
-                attributes = _frame_step(SINK, write.job, write.camera, write.frame_id)
+                attributes = _frame_step(self.stage, write.job, write.camera, write.frame_id)
                 attributes[BATCH_ID] = write.batch_id
                 attributes["streamsight.detections"] = write.detections
             else:
@@ -621,7 +623,7 @@ class WrittenSpans(NamedTuple):
         if not any(sampled(link) for link, _ in links):
             return None
         attributes: Attributes = {
-            STAGE: SINK,
+            STAGE: self.stage,
             SCOPE_ATTR: "batch",
             JOB_ID: joined([w.job for w in self.writes]),
             CAMERA: joined([bounded(w.camera) for w in self.writes]),
@@ -1156,12 +1158,13 @@ class _FrameWrites:
 
 
 def write_tracer(
-    tracing: Tracing, *, topic: str | None, store: str
+    tracing: Tracing, *, topic: str | None, store: str, stage: str = SINK
 ) -> Callable[[Sequence[Any]], Any] | None:
     """The sinks' `trace_writes` hook: per item a `sink write` span (child of the frame's
     context; error status for dead letters, with the reason), and a `sink write batch`
     span linked to every item's context. `topic` is where the messages go (None when
-    nothing is published), `store` the database system. None when tracing is off."""
+    nothing is published), `store` the database system, `stage` the sink's step id (the
+    spans' stage). None when tracing is off."""
     if not tracing.enabled:
         return None
     spans = _recorder(tracing)
@@ -1186,7 +1189,7 @@ def write_tracer(
                 len(item.detections),
             )  # fmt: skip
         parent = span_context_of(item.trace_carrier)
-        attributes = _letter_attributes(item, extract(item.trace_carrier), SINK)
+        attributes = _letter_attributes(item, extract(item.trace_carrier), stage)
         attributes["streamsight.source.topic"] = bounded(item.topic)
         attributes["streamsight.source.partition"] = item.partition
         attributes["streamsight.source.offset"] = item.offset
@@ -1215,7 +1218,7 @@ def write_tracer(
                 spans.compact(
                     WrittenSpans(
                         started, time.time_ns(), destination, failure,
-                        [w.values() for w in written],
+                        [w.values() for w in written], stage,
                     )
                 )  # fmt: skip
 

@@ -15,7 +15,7 @@ from bytewax.testing import cluster_main, run_main
 
 from flows.pipeline import build_flow
 from flows.settings import Settings
-from operators import contract
+from operators import contract, stages
 from operators import dead_letters as dl
 from operators.detector import load_detector
 from operators.frames import FrameBatch, FrameResult
@@ -79,7 +79,9 @@ def run_flow(
             sink_url,
             producer,
             topic=topics["dlq"],
-            trace_writes=write_tracer(traced, topic=topics["dlq"], store="sqlite"),
+            trace_writes=write_tracer(
+                traced, topic=topics["dlq"], store="sqlite", stage=stages.DEAD_LETTER_SINK
+            ),
         ),
         tracing=traced,
         model={"streamsight.device": inferencer.device_name},

@@ -46,7 +46,7 @@ from tests.fixtures.postgres import (
 )
 from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
 from tests.integration.test_kafka_flow import run_flow
-from tests.unit.test_sinks import overflowing, result
+from tests.unit.operators.test_sinks import overflowing, result
 
 pytestmark = pytest.mark.integration
 

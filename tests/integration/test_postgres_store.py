@@ -30,7 +30,7 @@ from operators.stores import (
     detections_from_json,
     open_store,
 )
-from tests.unit.test_stores import (
+from tests.unit.operators.test_stores import (
     PAYLOAD_MARKER,
     WRITTEN_NS,
     expected_row,

@@ -12,7 +12,7 @@ import pytest
 
 from flows.settings import Settings
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
-from tests.unit.test_settings import BAD_VALUES, env_name
+from tests.unit.flows.test_settings import BAD_VALUES, env_name
 
 pytestmark = pytest.mark.integration
 

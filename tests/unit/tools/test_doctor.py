@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from operators.telemetry.metrics import PipelineMetrics
 from tests import metrics_data as data
 from tests.metrics_data import free_port
-from tests.unit.doctor_data import derive
+from tests.unit.tools.doctor_data import derive
 from tools import doctor
 from tools.diagnosis import RULES, Readings, RegistrySample, diagnose, readings_between, verdict
 

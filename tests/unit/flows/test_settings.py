@@ -19,7 +19,7 @@ from flows.settings import (
     settings_or_exit,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 PLANTED = "pl4nted-Secret-9d2e"
 
 # One bad value per setting, as it would be written in the environment. Every setting of

@@ -9,7 +9,7 @@ import pytest
 
 from operators.adaptive import EFFICIENCY, AdaptiveBatching, AdaptiveBounds, BatchLimits
 from operators.batching import batch_logic_builder
-from tests.unit.test_batching import frame
+from tests.unit.operators.test_batching import frame
 
 FIXED_S, PER_FRAME_S = 0.004, 0.0011  # cost model like the CPU detector: t(b) = a + c*b
 

@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from operators import dead_letters as dl
+from operators import stages
 from operators.frames import FrameBatch, FrameMeta, FrameResult, PreparedFrame, RawFrame
 from operators.telemetry.span_export import (
     EncodingExporter,
@@ -63,7 +64,7 @@ from operators.telemetry.tracing import (
 from tests.fixtures.otlp import OtlpServer, Receiver
 from tools.camera import OutgoingFrame
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 COMPACT = (PreparedSpans, InferredSpans, WrittenSpans)
 
 
@@ -140,6 +141,31 @@ def trace_frames(tracing: Tracing, frames: int = 6) -> list[FrameResult]:
     with writes([*results, *(o for o in outs if not isinstance(o, PreparedFrame))]):
         pass
     return results
+
+
+def test_each_sink_stage_names_its_own_write_spans() -> None:
+    memory = InMemorySpanExporter()
+    tracing = setup_tracing(exporter=memory, processor=SimpleSpanProcessor, flush_at_exit=False)
+    outs = prepare_frames(tracing, 4)
+    good = tuple(o for o in outs if isinstance(o, PreparedFrame))
+    letters = [o for o in outs if not isinstance(o, PreparedFrame)]
+    now = time.time_ns()
+    results = traced_infer(tracing, infer_stage, {})(FrameBatch("0", good, "size", now, now, "b"))
+    for stage, items in ((stages.SINK, results), (stages.DEAD_LETTER_SINK, letters)):
+        writes = write_tracer(tracing, topic=f"to-{stage}", store="sqlite", stage=stage)
+        assert writes is not None
+        with writes(items):
+            pass
+    written = [s for s in memory.get_finished_spans() if s.name.startswith("sink write")]
+    topics = {s.attributes["streamsight.stage"]: set() for s in written}
+    for span in written:
+        topics[span.attributes["streamsight.stage"]].add(
+            span.attributes["messaging.destination.name"]
+        )
+    assert topics == {
+        stages.SINK: {f"to-{stages.SINK}"},
+        stages.DEAD_LETTER_SINK: {f"to-{stages.DEAD_LETTER_SINK}"},
+    }
 
 
 def test_records_encode_to_the_sdk_encoders_request() -> None:

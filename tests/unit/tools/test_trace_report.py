@@ -28,7 +28,7 @@ from opentelemetry.trace import StatusCode
 
 from flows.pipeline import build_flow
 from flows.settings import Settings
-from operators import contract
+from operators import contract, stages
 from operators.detector import load_detector
 from operators.inference import Inferencer
 from operators.sinks import DeadLetterSink, ResultSink
@@ -140,7 +140,12 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             trace_writes=write_tracer(tracing, topic=None, store="sqlite"),
         ),
         dead_letters=DeadLetterSink(
-            url, None, topic="dlq", trace_writes=write_tracer(tracing, topic="dlq", store="sqlite")
+            url,
+            None,
+            topic="dlq",
+            trace_writes=write_tracer(
+                tracing, topic="dlq", store="sqlite", stage=stages.DEAD_LETTER_SINK
+            ),
         ),
         tracing=tracing,
     )

@@ -6,7 +6,7 @@ worker threads held by the interpreter lock, preprocessing or the sink as the li
 broker that cannot keep up, nothing flowing) are made here by editing named series of a
 recorded file; each derived file says what it was derived from and what was edited.
 
-    python -m tests.unit.doctor_data.derive
+    python -m tests.unit.tools.doctor_data.derive
 """
 
 from __future__ import annotations

@@ -329,7 +329,7 @@ def test_an_eps_frame_never_starts_ghostscript(tmp_path: Path) -> None:
     fake_gs.write_text(FAKE_GS.format(marker=marker))
     fake_gs.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     done = subprocess.run(
         [sys.executable, "-c", EPS_CHILD],
         input=eps_bytes(),
