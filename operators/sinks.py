@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypedDict, TypeVar, Unpack
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
@@ -140,6 +140,11 @@ def with_carrier(
         return list(headers)
     kept = [(n, v) for n, v in headers if n not in contract.TRACE_HEADERS]
     return kept + [(n, v.encode()) for n, v in carrier.items()]
+
+
+def carrying(letter: DeadLetter, carrier: Mapping[str, str]) -> DeadLetter:
+    """`letter` whose headers continue the trace in `carrier` (see `with_carrier`)."""
+    return replace(letter, headers=tuple(with_carrier(letter.headers, carrier)))
 
 
 def conflict_letter(result: FrameResult, stored_sha: str) -> DeadLetter:
@@ -459,11 +464,7 @@ class _ResultPartition(StatelessSinkPartition[FrameResult]):
             else:
                 letter = conflict_letter(result, known)
                 trace.failed(result, letter.reason, letter.detail)
-                conflicts.append(
-                    replace(
-                        letter, headers=tuple(with_carrier(letter.headers, trace.carrier(result)))
-                    )
-                )
+                conflicts.append(carrying(letter, trace.carrier(result)))
         if self.producer is not None:
             for result in new:
                 self.producer.produce(
@@ -507,8 +508,7 @@ class _ResultPartition(StatelessSinkPartition[FrameResult]):
         for result, message in rejected:
             letter = rejected_letter(result, message)
             trace.failed(result, letter.reason, letter.detail)
-            carrier = trace.carrier(result)
-            letters.append(replace(letter, headers=tuple(with_carrier(letter.headers, carrier))))
+            letters.append(carrying(letter, trace.carrier(result)))
         if self.producer is not None:
             publish_dead_letters(self.producer, self.dead_letter_topic, letters)
             self.producer.flush_and_check()
@@ -542,12 +542,7 @@ class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
     def write_batch(self, items: list[DeadLetter]) -> None:
         with self.trace_writes(items) as trace:
             if self.producer is not None:
-                outgoing = [
-                    replace(
-                        letter, headers=tuple(with_carrier(letter.headers, trace.carrier(letter)))
-                    )
-                    for letter in items
-                ]
+                outgoing = [carrying(letter, trace.carrier(letter)) for letter in items]
                 publish_dead_letters(self.producer, self.topic, outgoing)
                 self.producer.flush_and_check()
             store_letters(self.store, self.retry, items, time.time_ns())
@@ -560,8 +555,65 @@ class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
         self.store.close()
 
 
-class ResultSink(DynamicSink[FrameResult]):
+class SinkOptions(TypedDict, total=False):
+    """The options both sinks take, as keywords."""
+
+    on_letters: LettersObserver | None
+    trace_writes: TraceWrites | None
+    retry_s: float
+    on_outage: OutageObserver | None
+    on_give_up: GiveUp | None
+
+
+class _StoreSink(DynamicSink[Item]):
+    """What both sinks share: the database (opened and written with retries for
+    `retry_s`), the Kafka producer and the observers of dead letters and outages."""
+
+    sink_name = ""
+    """The `sink` label of its series: `results` or `dead_letters`."""
+
+    def __init__(
+        self,
+        store_url: str,
+        producer_config: dict[str, Any] | None,
+        *,
+        on_letters: LettersObserver | None = None,
+        trace_writes: TraceWrites | None = None,
+        retry_s: float = DEFAULT_RETRY_S,
+        on_outage: OutageObserver | None = None,
+        on_give_up: GiveUp | None = None,
+    ) -> None:
+        self.store_url = store_url
+        self.producer_config = producer_config
+        self.on_letters = on_letters
+        self.trace_writes = trace_writes or no_trace
+        self.retry_s = retry_s
+        self.on_outage = on_outage
+        self.on_give_up = on_give_up
+
+    def _open(
+        self, worker_index: int, worker_count: int, *, publish: bool = True
+    ) -> tuple[StoreRetry, DetectionStore, CheckedProducer | None]:
+        """A worker's retry policy, its store and its producer (None when not publishing)."""
+        note_worker(worker_index, worker_count)
+        retry = StoreRetry(
+            self.store_url,
+            self.sink_name,
+            retry_s=self.retry_s,
+            on_outage=self.on_outage,
+            on_give_up=self.on_give_up,
+        )
+        store = retry.call(lambda: open_store(self.store_url))
+        producer = None
+        if publish and self.producer_config is not None:
+            producer = CheckedProducer(dict(self.producer_config))
+        return retry, store, producer
+
+
+class ResultSink(_StoreSink[FrameResult]):
     """Writes each frame's detections once: to the output topic, then to the database."""
+
+    sink_name = "results"
 
     def __init__(
         self,
@@ -572,37 +624,16 @@ class ResultSink(DynamicSink[FrameResult]):
         dead_letter_topic: str,
         publish: bool = True,
         on_results: ResultsObserver | None = None,
-        on_letters: LettersObserver | None = None,
-        trace_writes: TraceWrites | None = None,
-        retry_s: float = DEFAULT_RETRY_S,
-        on_outage: OutageObserver | None = None,
-        on_give_up: GiveUp | None = None,
+        **options: Unpack[SinkOptions],
     ) -> None:
-        self.store_url = store_url
-        self.producer_config = producer_config
+        super().__init__(store_url, producer_config, **options)
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.publish = publish
         self.on_results = on_results
-        self.on_letters = on_letters
-        self.trace_writes = trace_writes or no_trace
-        self.retry_s = retry_s
-        self.on_outage = on_outage
-        self.on_give_up = on_give_up
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ResultPartition:
-        note_worker(worker_index, worker_count)
-        retry = StoreRetry(
-            self.store_url,
-            "results",
-            retry_s=self.retry_s,
-            on_outage=self.on_outage,
-            on_give_up=self.on_give_up,
-        )
-        store = retry.call(lambda: open_store(self.store_url))
-        producer = None
-        if self.publish and self.producer_config is not None:
-            producer = CheckedProducer(dict(self.producer_config))
+        retry, store, producer = self._open(worker_index, worker_count, publish=self.publish)
         return _ResultPartition(
             store,
             producer,
@@ -615,8 +646,10 @@ class ResultSink(DynamicSink[FrameResult]):
         )
 
 
-class DeadLetterSink(DynamicSink[DeadLetter]):
+class DeadLetterSink(_StoreSink[DeadLetter]):
     """Publishes dead letters (original bytes and reason) and records them in the database."""
+
+    sink_name = "dead_letters"
 
     def __init__(
         self,
@@ -624,34 +657,13 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
         producer_config: dict[str, Any] | None,
         *,
         topic: str,
-        on_letters: LettersObserver | None = None,
-        trace_writes: TraceWrites | None = None,
-        retry_s: float = DEFAULT_RETRY_S,
-        on_outage: OutageObserver | None = None,
-        on_give_up: GiveUp | None = None,
+        **options: Unpack[SinkOptions],
     ) -> None:
-        self.store_url = store_url
-        self.producer_config = producer_config
+        super().__init__(store_url, producer_config, **options)
         self.topic = topic
-        self.on_letters = on_letters
-        self.trace_writes = trace_writes or no_trace
-        self.retry_s = retry_s
-        self.on_outage = on_outage
-        self.on_give_up = on_give_up
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        note_worker(worker_index, worker_count)
-        retry = StoreRetry(
-            self.store_url,
-            "dead_letters",
-            retry_s=self.retry_s,
-            on_outage=self.on_outage,
-            on_give_up=self.on_give_up,
-        )
-        store = retry.call(lambda: open_store(self.store_url))
-        producer = None
-        if self.producer_config is not None:
-            producer = CheckedProducer(dict(self.producer_config))
+        retry, store, producer = self._open(worker_index, worker_count)
         return _DeadLetterPartition(
             store, producer, self.topic, self.on_letters, self.trace_writes, retry
         )
