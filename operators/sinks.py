@@ -424,26 +424,42 @@ def store_letters(
         )
 
 
-class _ResultPartition(StatelessSinkPartition[FrameResult]):
+class _StorePartition(StatelessSinkPartition[Item]):
+    """A worker's part of a sink: the sink's observers, and the worker's own store,
+    producer and retry policy."""
+
     def __init__(
         self,
+        sink: _StoreSink[Item],
         store: DetectionStore,
         producer: CheckedProducer | None,
-        output_topic: str,
-        dead_letter_topic: str,
-        on_results: ResultsObserver | None,
-        on_letters: LettersObserver | None,
-        trace_writes: TraceWrites = no_trace,
-        retry: StoreRetry | None = None,
+        retry: StoreRetry,
     ) -> None:
         self.store = store
         self.producer = producer
-        self.output_topic = output_topic
-        self.dead_letter_topic = dead_letter_topic
-        self.on_results = on_results
-        self.on_letters = on_letters
-        self.trace_writes = trace_writes
-        self.retry = retry or StoreRetry("", "results")
+        self.retry = retry
+        self.on_letters = sink.on_letters
+        self.trace_writes = sink.trace_writes
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.flush_and_check()
+            self.producer.close()
+        self.store.close()
+
+
+class _ResultPartition(_StorePartition[FrameResult]):
+    def __init__(
+        self,
+        sink: ResultSink,
+        store: DetectionStore,
+        producer: CheckedProducer | None,
+        retry: StoreRetry,
+    ) -> None:
+        super().__init__(sink, store, producer, retry)
+        self.output_topic = sink.output_topic
+        self.dead_letter_topic = sink.dead_letter_topic
+        self.on_results = sink.on_results
 
     def write_batch(self, items: list[FrameResult]) -> None:
         with self.trace_writes(items) as trace:
@@ -515,29 +531,17 @@ class _ResultPartition(StatelessSinkPartition[FrameResult]):
         store_letters(self.store, self.retry, letters, written_ns)
         return letters
 
-    def close(self) -> None:
-        if self.producer is not None:
-            self.producer.flush_and_check()
-            self.producer.close()
-        self.store.close()
 
-
-class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
+class _DeadLetterPartition(_StorePartition[DeadLetter]):
     def __init__(
         self,
+        sink: DeadLetterSink,
         store: DetectionStore,
         producer: CheckedProducer | None,
-        topic: str,
-        on_letters: LettersObserver | None,
-        trace_writes: TraceWrites = no_trace,
-        retry: StoreRetry | None = None,
+        retry: StoreRetry,
     ) -> None:
-        self.store = store
-        self.producer = producer
-        self.topic = topic
-        self.on_letters = on_letters
-        self.trace_writes = trace_writes
-        self.retry = retry or StoreRetry("", "dead_letters")
+        super().__init__(sink, store, producer, retry)
+        self.topic = sink.topic
 
     def write_batch(self, items: list[DeadLetter]) -> None:
         with self.trace_writes(items) as trace:
@@ -548,11 +552,6 @@ class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
             store_letters(self.store, self.retry, items, time.time_ns())
         if self.on_letters is not None:
             self.on_letters(items)
-
-    def close(self) -> None:
-        if self.producer is not None:
-            self.producer.close()
-        self.store.close()
 
 
 class SinkOptions(TypedDict, total=False):
@@ -593,8 +592,8 @@ class _StoreSink(DynamicSink[Item]):
 
     def _open(
         self, worker_index: int, worker_count: int, *, publish: bool = True
-    ) -> tuple[StoreRetry, DetectionStore, CheckedProducer | None]:
-        """A worker's retry policy, its store and its producer (None when not publishing)."""
+    ) -> tuple[DetectionStore, CheckedProducer | None, StoreRetry]:
+        """A worker's store, its producer (None when not publishing) and retry policy."""
         note_worker(worker_index, worker_count)
         retry = StoreRetry(
             self.store_url,
@@ -607,7 +606,7 @@ class _StoreSink(DynamicSink[Item]):
         producer = None
         if publish and self.producer_config is not None:
             producer = CheckedProducer(dict(self.producer_config))
-        return retry, store, producer
+        return store, producer, retry
 
 
 class ResultSink(_StoreSink[FrameResult]):
@@ -633,17 +632,7 @@ class ResultSink(_StoreSink[FrameResult]):
         self.on_results = on_results
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ResultPartition:
-        retry, store, producer = self._open(worker_index, worker_count, publish=self.publish)
-        return _ResultPartition(
-            store,
-            producer,
-            self.output_topic,
-            self.dead_letter_topic,
-            self.on_results,
-            self.on_letters,
-            self.trace_writes,
-            retry,
-        )
+        return _ResultPartition(self, *self._open(worker_index, worker_count, publish=self.publish))
 
 
 class DeadLetterSink(_StoreSink[DeadLetter]):
@@ -663,10 +652,7 @@ class DeadLetterSink(_StoreSink[DeadLetter]):
         self.topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        retry, store, producer = self._open(worker_index, worker_count)
-        return _DeadLetterPartition(
-            store, producer, self.topic, self.on_letters, self.trace_writes, retry
-        )
+        return _DeadLetterPartition(self, *self._open(worker_index, worker_count))
 
 
 @operator
