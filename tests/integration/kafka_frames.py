@@ -4,6 +4,7 @@ what the SQLite sink stored."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Mapping
 from contextlib import closing
 from itertools import islice
 from pathlib import Path
@@ -26,6 +27,30 @@ BAD_FRAMES: list[tuple[bytes, tuple[tuple[str, bytes], ...]]] = [
 # Besides BAD_FRAMES, fill_topic re-sends frame cam-0/0 twice: once with the same bytes (a
 # duplicate, skipped) and once with other bytes (a conflict, dead-lettered).
 DEAD_LETTERS = len(BAD_FRAMES) + 1
+
+
+def flow_topics(
+    create_topic: Callable[[str, int], None],
+    unique_topic: Callable[[str], str],
+    partitions: int = 4,
+) -> dict[str, str]:
+    """Fresh `frames`, `detections` and `dead` topics: {role: topic name}."""
+    topics = {k: unique_topic(k) for k in ("frames", "detections", "dead")}
+    for name in topics.values():
+        create_topic(name, partitions)
+    return topics
+
+
+def flow_settings(bootstrap: str, topics: Mapping[str, str], sink: Path) -> dict[str, str]:
+    """The settings that point a flow at `topics` (see `flow_topics`) on `bootstrap` and
+    at a SQLite sink in the file `sink`."""
+    return {
+        "STREAMSIGHT_BROKERS": bootstrap,
+        "STREAMSIGHT_INPUT_TOPIC": topics["frames"],
+        "STREAMSIGHT_OUTPUT_TOPIC": topics["detections"],
+        "STREAMSIGHT_DEAD_LETTER_TOPIC": topics["dead"],
+        "STREAMSIGHT_SINK": f"sqlite:///{sink}",
+    }
 
 
 def fill_topic(

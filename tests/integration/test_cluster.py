@@ -21,7 +21,13 @@ import pytest
 
 from bench.pipeline import free_ports
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
-from tests.integration.kafka_frames import assert_stored_once, fill_topic, stored
+from tests.integration.kafka_frames import (
+    assert_stored_once,
+    fill_topic,
+    flow_settings,
+    flow_topics,
+    stored,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -150,9 +156,7 @@ def cluster_input(
     plus the known bad ones; returns (good frame ids, the settings of every pod)."""
 
     def _make(frames_per_camera: int) -> tuple[set[str], dict[str, str]]:
-        topics = {k: unique_topic(k) for k in ("frames", "detections", "dead")}
-        for name in topics.values():
-            create_topic(name, 4)
+        topics = flow_topics(create_topic, unique_topic)
         expected = fill_topic(
             kafka_config,
             topics["frames"],
@@ -161,12 +165,8 @@ def cluster_input(
             job_id="cluster",
         )
         settings = {
-            "STREAMSIGHT_BROKERS": kafka_bootstrap,
-            "STREAMSIGHT_INPUT_TOPIC": topics["frames"],
-            "STREAMSIGHT_OUTPUT_TOPIC": topics["detections"],
-            "STREAMSIGHT_DEAD_LETTER_TOPIC": topics["dead"],
+            **flow_settings(kafka_bootstrap, topics, tmp_path / "sink.db"),
             "STREAMSIGHT_STOP_AT_END": "true",
-            "STREAMSIGHT_SINK": f"sqlite:///{tmp_path / 'sink.db'}",
             "STREAMSIGHT_FETCH_BATCH_SIZE": "4",
             "STREAMSIGHT_BATCH_MAX_SIZE": "4",
         }

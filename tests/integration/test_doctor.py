@@ -28,6 +28,7 @@ import pytest
 
 from operators.kafka_io import CheckedProducer
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
+from tests.integration.kafka_frames import flow_settings, flow_topics
 from tests.integration.test_prometheus import prometheus_server, wait_for
 from tests.metrics_data import free_port
 from tools.camera import OutgoingFrame, publish, synthetic_frames
@@ -108,15 +109,9 @@ def test_doctor_names_the_offered_load_then_inference_with_batches_of_one(
     tmp_path: Path,
 ) -> None:
     url, metrics_port = prometheus_server
-    topics = {k: unique_topic(k) for k in ("frames", "detections", "dead")}
-    for name in topics.values():
-        create_topic(name, PARTITIONS)
+    topics = flow_topics(create_topic, unique_topic, PARTITIONS)
     env = subprocess_env(
-        STREAMSIGHT_BROKERS=kafka_bootstrap,
-        STREAMSIGHT_INPUT_TOPIC=topics["frames"],
-        STREAMSIGHT_OUTPUT_TOPIC=topics["detections"],
-        STREAMSIGHT_DEAD_LETTER_TOPIC=topics["dead"],
-        STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'sink.db'}",
+        **flow_settings(kafka_bootstrap, topics, tmp_path / "sink.db"),
         STREAMSIGHT_METRICS_PORT=str(metrics_port),
         STREAMSIGHT_METRICS_ADDR="127.0.0.1",
         STREAMSIGHT_LAG_INTERVAL_S="0.5",

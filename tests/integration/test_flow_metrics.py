@@ -28,7 +28,7 @@ import yaml
 from operators import stages
 from operators.kafka_io import high_watermarks
 from tests.fixtures.kafka import REPO_ROOT, subprocess_env
-from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic
+from tests.integration.kafka_frames import DEAD_LETTERS, fill_topic, flow_settings, flow_topics
 from tests.integration.metric_names import DASHBOARD_DIR, PROMETHEUS_DIR, dashboard_expressions
 from tests.integration.test_observability_stack import prometheus_scraping, queries_without_data
 from tests.integration.test_prometheus import api, prometheus_server, require, wait_for
@@ -43,18 +43,12 @@ def test_prometheus_sees_every_frame_and_the_lag_of_the_running_flow(
     prometheus_server, kafka_bootstrap, kafka_config, create_topic, unique_topic, tmp_path: Path
 ) -> None:
     url, metrics_port = prometheus_server
-    topics = {k: unique_topic(k) for k in ("frames", "detections", "dead")}
-    for name in topics.values():
-        create_topic(name, 4)
+    topics = flow_topics(create_topic, unique_topic)
     expected = fill_topic(
         kafka_config, topics["frames"], cameras=4, frames_per_camera=15, job_id="metrics"
     )
     env = subprocess_env(
-        STREAMSIGHT_BROKERS=kafka_bootstrap,
-        STREAMSIGHT_INPUT_TOPIC=topics["frames"],
-        STREAMSIGHT_OUTPUT_TOPIC=topics["detections"],
-        STREAMSIGHT_DEAD_LETTER_TOPIC=topics["dead"],
-        STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'sink.db'}",
+        **flow_settings(kafka_bootstrap, topics, tmp_path / "sink.db"),
         STREAMSIGHT_METRICS_PORT=str(metrics_port),
         STREAMSIGHT_METRICS_ADDR="127.0.0.1",
         STREAMSIGHT_LAG_INTERVAL_S="0.5",
@@ -260,18 +254,12 @@ def flow_with_bytewax_api(
 def test_every_dashboard_query_answers_from_the_running_flow(
     kafka_bootstrap, kafka_config, create_topic, unique_topic, tmp_path: Path
 ) -> None:
-    topics = {k: unique_topic(k) for k in ("frames", "detections", "dead")}
-    for name in topics.values():
-        create_topic(name, 4)
+    topics = flow_topics(create_topic, unique_topic)
     expected = fill_topic(
         kafka_config, topics["frames"], cameras=4, frames_per_camera=10, job_id="dashboards"
     )
     env = subprocess_env(
-        STREAMSIGHT_BROKERS=kafka_bootstrap,
-        STREAMSIGHT_INPUT_TOPIC=topics["frames"],
-        STREAMSIGHT_OUTPUT_TOPIC=topics["detections"],
-        STREAMSIGHT_DEAD_LETTER_TOPIC=topics["dead"],
-        STREAMSIGHT_SINK=f"sqlite:///{tmp_path / 'sink.db'}",
+        **flow_settings(kafka_bootstrap, topics, tmp_path / "sink.db"),
         STREAMSIGHT_LAG_INTERVAL_S="0.5",
         OTEL_SDK_DISABLED="true",
     )

@@ -29,7 +29,13 @@ from operators.frames import DeadLetter, FrameBatch, FrameResult
 from operators.telemetry.tracing import Tracing, send_tracer, setup_tracing
 from operators.workers import RECOVERY_ENV
 from tests.fixtures.kafka import REPO_ROOT, read_topic, subprocess_env
-from tests.integration.kafka_frames import assert_stored_once, fill_topic, stored
+from tests.integration.kafka_frames import (
+    assert_stored_once,
+    fill_topic,
+    flow_settings,
+    flow_topics,
+    stored,
+)
 from tools.camera import OutgoingFrame
 from tools.scene import encode_jpeg, render_frame
 
@@ -41,23 +47,17 @@ KILLS = 3
 def test_kill_9_and_restart_gives_every_frame_exactly_once(
     kafka_bootstrap, kafka_config, create_topic, unique_topic, tmp_path: Path
 ) -> None:
-    topics = {k: unique_topic(k) for k in ("frames", "detections", "dead")}
-    for name in topics.values():
-        create_topic(name, 4)
+    topics = flow_topics(create_topic, unique_topic)
     expected = fill_topic(
         kafka_config, topics["frames"], cameras=4, frames_per_camera=150, job_id="replay"
     )
     db = tmp_path / "sink.db"
     env = subprocess_env(
-        STREAMSIGHT_BROKERS=kafka_bootstrap,
-        STREAMSIGHT_INPUT_TOPIC=topics["frames"],
-        STREAMSIGHT_OUTPUT_TOPIC=topics["detections"],
-        STREAMSIGHT_DEAD_LETTER_TOPIC=topics["dead"],
+        **flow_settings(kafka_bootstrap, topics, db),
         STREAMSIGHT_STOP_AT_END="true",
         BYTEWAX_RECOVERY_DIRECTORY=str(tmp_path / "recovery"),
         BYTEWAX_SNAPSHOT_INTERVAL="1",
         BYTEWAX_RECOVERY_BACKUP_INTERVAL="0",
-        STREAMSIGHT_SINK=f"sqlite:///{db}",
         STREAMSIGHT_FETCH_BATCH_SIZE="4",
         STREAMSIGHT_BATCH_MAX_SIZE="4",
     )
