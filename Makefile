@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install system-packages
+.PHONY: demo test check lint install system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ system-packages:
 test: install system-packages
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+## The quick loop while editing: ruff and the unit tests (about a minute).
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not integration"
 
 lint: install
 	$(BIN)/ruff check .

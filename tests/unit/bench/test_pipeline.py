@@ -3,17 +3,11 @@ that no figure comes from a degenerate window."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from bench.pipeline import (
-    CAMERAS,
-    FULL,
     MIN_WINDOW_FRAMES,
     MIN_WINDOW_S,
-    MOCK_PARTITION_BYTES,
-    Bench,
     FlowRun,
     GpuUtilisation,
     RunResult,
@@ -25,7 +19,6 @@ from bench.pipeline import (
     until_valid,
     window_problem,
 )
-from tools.camera import synthetic_frames
 
 
 def test_gpu_utilisation_is_averaged_over_the_window_asked() -> None:
@@ -159,19 +152,3 @@ def test_frames_fed_alongside_a_run_stay_a_bounded_count_ahead_of_it() -> None:
         ahead.append(sent["frames"] - done["frames"])
     assert sent["frames"] == 40
     assert max(ahead) <= 8
-
-
-def test_full_saturation_runs_at_320x240_publish_every_frame_before_the_flow_starts() -> None:
-    # Frames fed during a run come from a process that shares the cores with the flow it
-    # measures; at the default size a whole run's frames must wait in the broker instead.
-    jpegs = [
-        f.jpeg for tick in synthetic_frames(CAMERAS, FULL.distinct_frames // CAMERAS) for f in tick
-    ]
-    bench = SimpleNamespace(jpegs=jpegs)
-    assert FULL.saturation_frames <= Bench.max_ahead(bench)  # type: ignore[arg-type]
-    # And never more than the broker keeps of the camera whose frames are largest.
-    per_partition = Bench.max_ahead(bench) // CAMERAS  # type: ignore[arg-type]
-    heaviest = max(
-        sum(len(j) for j in jpegs[i::CAMERAS]) / len(jpegs[i::CAMERAS]) for i in range(CAMERAS)
-    )
-    assert per_partition * heaviest <= MOCK_PARTITION_BYTES
