@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +42,15 @@ from rich.table import Table
 
 from bench.backlog import peak_rss_kib, streamed_rss
 from bench.ceilings import stage_ceilings
+from bench.feed import (
+    CAMERAS,
+    MOCK_PARTITION_BYTES,
+    Feed,
+    fits_in_broker,
+    offsets_from_json,
+    offsets_json,
+    publish_frames,
+)
 from flows.pipeline import build_flow
 from flows.settings import Settings, parse_size, settings_or_exit
 from operators.dead_letters import STALE
@@ -50,13 +59,13 @@ from operators.detector import DEFAULT_WIDTHS, LoadedDetector, TinyDet, load_det
 from operators.frames import DeadLetter, FrameResult
 from operators.inference import Inferencer
 from operators.ingest import frame_source
-from operators.kafka_io import CheckedProducer, client_config, producer_config
+from operators.kafka_io import client_config, producer_config
 from operators.sinks import DeadLetterSink, ResultSink
 from operators.telemetry.metrics import PipelineMetrics
 from operators.telemetry.span_export import EncodingExporter
 from operators.telemetry.tracing import Tracing, setup_tracing, write_tracer
 from operators.workers import freeze_startup_heap, keep_freed_memory, threads_per_worker
-from tools.camera import OutgoingFrame, camera_id, publish, synthetic_frames
+from tools.camera import synthetic_frames
 from tools.embedded import EmbeddedBroker
 
 TARGETS = {
@@ -68,7 +77,6 @@ TARGETS = {
 }
 GPU_TARGETS = {"pipeline_over_naive": 5.0, "gpu_utilisation_pct": 90.0}
 """Where the model runs on a GPU: these replace or join `TARGETS`."""
-CAMERAS = 4
 MIN_WINDOW_FRAMES = 500
 MIN_WINDOW_S = 1.0
 """A rate is a figure only from a window of at least this many frames over at least this
@@ -80,10 +88,6 @@ limit must fit in what the embedded broker keeps (`MOCK_PARTITION_BYTES` a parti
 PACED_WARM_UP_S = 2.0
 """Seconds at the start of a paced run whose frames do not count toward its latency."""
 DEFAULT_FRAME_SIZE = (320, 240)
-MOCK_PARTITION_BYTES = 5 * 1024 * 1024
-"""What the embedded broker (librdkafka's mock cluster) keeps of each partition: past it,
-it drops the oldest messages, read or not (checked: 300 messages of 86 kB to one
-partition leave its low watermark at 242)."""
 PARTS = ("throughput", "telemetry", "sweeps", "adaptive", "overload", "backlog")
 """What a run measures (`--parts`): the pipeline, naive loop and ceilings in rounds;
 telemetry on and off and the other worker layout in the same rounds; the batch-size, delay
@@ -558,35 +562,6 @@ def summarise(run: FlowRun, *, skip_first_s: float = 0.0) -> RunResult:
     )
 
 
-class Feed:
-    """A publishing process started for a run: `end_offsets()` returns each partition's
-    end offset once it has finished (None before) and raises if it failed; `started_ns`
-    and `ended_ns` say when it sent its first and last frame (wall clock, once known)."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.started_ns: int | None = None
-        self.ended_ns: int | None = None
-        self._done: dict[str, Any] = {}
-        self._process = process
-        threading.Thread(target=self._wait, name="bench-camera", daemon=True).start()
-
-    def _wait(self) -> None:
-        out, _ = self._process.communicate()
-        if self._process.returncode != 0:
-            self._done["error"] = f"the publishing process failed (exit {self._process.returncode})"
-            return
-        report = json.loads(out)
-        self.started_ns, self.ended_ns = report["started_ns"], report["ended_ns"]
-        self._done["ends"] = offsets_from_json(json.dumps(report["ends"]))
-
-    def end_offsets(self) -> dict[tuple[str, int], int] | None:
-        """The end offsets once the process has finished, else None."""
-        if "error" in self._done:
-            raise RuntimeError(self._done["error"])
-        ends: dict[tuple[str, int], int] | None = self._done.get("ends")
-        return ends
-
-
 StartFeed = Callable[[Sequence[str]], EndOffsets]
 """Starts publishing a run's frames once the flow is ready, given the topics the flow writes
 results and dead letters to; returns the call that gives the end offsets once known."""
@@ -651,8 +626,9 @@ class Bench:
         return max(per_partition, 1) * cameras
 
     def fits(self, frames: int, cameras: int = CAMERAS) -> bool:
-        """Whether `frames` frames can all wait in a topic at once (see `max_ahead`)."""
-        return frames <= self.max_ahead(cameras)
+        """Whether `frames` frames can all wait in a topic of `cameras` partitions at once
+        (see `fits_in_broker`)."""
+        return fits_in_broker(self.jpegs, frames, cameras)
 
     def topic(self, name: str, partitions: int = CAMERAS) -> str:
         """A fresh topic with one partition per camera."""
@@ -692,7 +668,7 @@ class Bench:
             [
                 sys.executable,
                 "-c",
-                "from bench.pipeline import publish_main; publish_main()",
+                "from bench.feed import publish_main; publish_main()",
                 str(jpegs),
                 self.bootstrap,
                 topic,
@@ -864,10 +840,16 @@ class Bench:
         after)."""
         topic = self.topic("bench-paced")
         frames = max(int(fps * (warm_up_s + seconds)), CAMERAS)
+        # Below capacity the flow keeps up and the producer never waits; past it (or
+        # at a quick run's rough capacity) it waits rather than outgrow the broker.
         return self.run_flow(
             settings,
             topic,
-            feed=lambda _: self.publish_elsewhere(topic, frames, fps).end_offsets,
+            feed=lambda outputs: (
+                self.publish_elsewhere(
+                    topic, frames, fps, () if self.fits(frames) else outputs
+                ).end_offsets
+            ),
             skip_first_s=warm_up_s,
         )
 
@@ -1006,12 +988,14 @@ class Plan:
     saturation_frames: int
     naive_frames: int
     paced_seconds: float
+    """Seconds of each paced run's offered load that count, after `paced_warm_up_s`."""
     ceiling_seconds: float
     batch_sizes: tuple[int, ...]
     delays_ms: tuple[float, ...]
     loads: tuple[float, ...]
     distinct_frames: int
     repeats: int = 5
+    paced_warm_up_s: float = PACED_WARM_UP_S
     adaptive_rounds: int = 5
     """Rounds comparing adaptive batching with the default at each of `adaptive_loads`, and
     with the best fixed size at saturation."""
@@ -1025,6 +1009,8 @@ class Plan:
     """Offered loads (shares of capacity) at which adaptive batching meets the default."""
     overload_load: float = 1.5
     overload_seconds: float = 30.0
+    overload_max_frames: int | None = None
+    """The most frames an overload run offers (its seconds shortened to fit)."""
     max_frame_age_ms: float = 1000.0
     """The age limit of the overload run that sheds stale frames."""
     indicative: bool = False
@@ -1033,100 +1019,29 @@ class Plan:
 
 
 FULL = Plan(
-    2200, 600, 6.0, 2.0, (1, 4, 16, 64), (0.0, 10.0, 50.0, 100.0), (0.2, 0.5, 0.7, 0.9), 256
+    2000, 600, 6.0, 2.0, (1, 4, 16, 64), (0.0, 10.0, 50.0, 100.0), (0.2, 0.5, 0.7, 0.9), 256
 )
 QUICK = Plan(
     96,
     32,
-    1.5,
+    0.5,
     0.2,
     (1, 16),
-    (0.0, 50.0),
-    (0.3, 0.7),
+    (50.0,),
+    (0.7,),
     16,
-    repeats=2,
+    repeats=1,
     adaptive_rounds=1,
     backlog_runs=(300, 900),
     reruns=0,
     ceiling_frames=0,
-    overload_seconds=3.0,
+    adaptive_loads=(0.7,),
+    paced_warm_up_s=0.5,
+    overload_seconds=1.0,
+    overload_max_frames=640,
     indicative=True,
 )
-
-
-def frame_ticks(
-    jpegs: Sequence[bytes],
-    frames: int,
-    processed: Callable[[], int] | None = None,
-    max_ahead: int = 0,
-    cameras: int = CAMERAS,
-) -> Iterator[list[OutgoingFrame]]:
-    """`frames` frames (rounded up to whole ticks of `cameras`) re-using the rendered
-    `jpegs`; the capture time is stamped when a tick is taken. With `processed` (frames
-    the reader has dealt with so far), a tick waits while `max_ahead` frames or more are
-    sent and not yet dealt with."""
-    known = 0
-    for seq in range(-(-frames // cameras)):
-        while processed is not None and seq * cameras - known >= max(max_ahead, cameras):
-            known = processed()
-            if seq * cameras - known >= max(max_ahead, cameras):
-                time.sleep(0.01)
-        now_ms = time.time() * 1000.0
-        yield [
-            OutgoingFrame(camera_id(i), seq, jpegs[(seq * cameras + i) % len(jpegs)], now_ms)
-            for i in range(cameras)
-        ]
-
-
-def publish_frames(
-    bootstrap: str,
-    topic: str,
-    jpegs: Sequence[bytes],
-    frames: int,
-    fps: float = 0.0,
-    job: str = "bench",
-    *,
-    processed: Callable[[], int] | None = None,
-    max_ahead: int = 0,
-    cameras: int = CAMERAS,
-) -> dict[tuple[str, int], int]:
-    """Publish `frames` frames of `jpegs` from `cameras` cameras, one partition each, to
-    `topic` (paced at `fps` frames/s over all cameras; 0 = unpaced; at most `max_ahead`
-    ahead of `processed`, as `frame_ticks`); the end offset of each partition."""
-    settings = Settings(progress=False, metrics_enabled=False)
-    producer = CheckedProducer(
-        producer_config(settings, bootstrap=bootstrap, client_id="bench-camera")
-    )
-    try:
-        report = publish(
-            producer,
-            topic,
-            frame_ticks(jpegs, frames, processed, max_ahead, cameras),
-            job_id=job,
-            fps=fps / cameras,
-            partitions=cameras,
-        )
-    finally:
-        producer.close()
-    return dict(report.end_offsets)
-
-
-class WrittenCount:
-    """Messages in `topics` (their high watermarks added up): what a run's flow has
-    written to its results and dead-letter topics so far."""
-
-    def __init__(self, bootstrap: str, topics: Sequence[str]) -> None:
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-count"})
-        self._partitions = [TopicPartition(t, p) for t in topics for p in range(CAMERAS)]
-
-    def __call__(self) -> int:
-        return sum(
-            self._consumer.get_watermark_offsets(tp, timeout=10.0)[1] for tp in self._partitions
-        )
-
-    def close(self) -> None:
-        """Close the consumer."""
-        self._consumer.close()
+"""Every part once, on a few frames: a check of the code path, not a measurement."""
 
 
 MEMBER_TIMEOUT_S = 600.0
@@ -1143,16 +1058,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def offsets_json(ends: dict[tuple[str, int], int]) -> str:
-    """Each partition's end offset as JSON: `[[topic, partition, offset], ...]`."""
-    return json.dumps([[t, p, o] for (t, p), o in ends.items()])
-
-
-def offsets_from_json(text: str) -> dict[tuple[str, int], int]:
-    """The end offsets that `offsets_json` wrote."""
-    return {(t, int(p)): int(o) for t, p, o in json.loads(text)}
 
 
 def write_end_offsets(path: Path, ends: dict[tuple[str, int], int]) -> None:
@@ -1232,33 +1137,6 @@ def member_main() -> None:
     # Its own peak: ru_maxrss would keep the benchmark process's, from before the exec.
     run.peak_rss_mb = peak_rss_kib() / 1024.0
     Path(spec["report"]).write_text(json.dumps(asdict(run)))
-
-
-def publish_main() -> None:
-    """The publishing process of a run (`Bench.publish_elsewhere`): argv holds the pickled
-    JPEGs' path, the bootstrap, the topic, the frame count, the rate, the topics to stay
-    ahead of (comma-separated, or empty), how far, and the cameras; the end offsets and when it sent
-    its first and last frames go to stdout as JSON."""
-    path, bootstrap, topic, frames, fps, ahead_of, max_ahead, cameras = sys.argv[1:9]
-    jpegs = pickle.loads(Path(path).read_bytes())
-    written = WrittenCount(bootstrap, ahead_of.split(",")) if ahead_of else None
-    started = time.time_ns()
-    try:
-        ends = publish_frames(
-            bootstrap,
-            topic,
-            jpegs,
-            int(frames),
-            float(fps),
-            processed=written,
-            max_ahead=int(max_ahead),
-            cameras=int(cameras),
-        )
-    finally:
-        if written is not None:
-            written.close()
-    report = {"ends": json.loads(offsets_json(ends)), "started_ns": started}
-    print(json.dumps(report | {"ended_ns": time.time_ns()}))
 
 
 OVERLOAD_STEP_S = 0.5
@@ -1414,16 +1292,18 @@ def _measure(bench: Bench, plan: Plan, out: Path, console: Console) -> dict[str,
         rate = 0.7 * capacity
         log(f"latency vs batch size at {rate:.0f} frames/s")
         lat_size = {
-            size: bench.paced(fixed(size, 50.0), rate, plan.paced_seconds)
+            size: bench.paced(fixed(size, 50.0), rate, plan.paced_seconds, plan.paced_warm_up_s)
             for size in plan.batch_sizes
         }
         log(f"latency vs max delay at {rate:.0f} frames/s")
         lat_delay = {
-            d: bench.paced(fixed(default_size, d), rate, plan.paced_seconds) for d in plan.delays_ms
+            d: bench.paced(fixed(default_size, d), rate, plan.paced_seconds, plan.paced_warm_up_s)
+            for d in plan.delays_ms
         }
         log("latency vs offered load")
         by_load = {
-            load: bench.paced(base, load * capacity, plan.paced_seconds) for load in plan.loads
+            load: bench.paced(base, load * capacity, plan.paced_seconds, plan.paced_warm_up_s)
+            for load in plan.loads
         }
         at_rate = (
             lat_delay.get(base.batch_max_delay_ms)
@@ -1485,12 +1365,18 @@ def _overload(bench: Bench, plan: Plan, base: Settings, log: Callable[..., None]
     # Without an age limit the unread backlog grows by the excess every second; the
     # broker drops what a partition holds past its size, so the run stays within it.
     room = 0.8 * MOCK_PARTITION_BYTES * cameras / statistics.fmean(len(j) for j in bench.jpegs)
-    excess = max((plan.overload_load - 1.0) * capacity.fps, 1e-9)
-    seconds = max(min(plan.overload_seconds, room / excess - PACED_WARM_UP_S), 1.0)
+    # What the flow takes is known only from a valid window; without one, the whole
+    # offer may wait unread.
+    grows = (plan.overload_load - 1.0) * capacity.fps if capacity.valid else offered
+    total = min(plan.overload_seconds + plan.paced_warm_up_s, room / max(grows, 1e-9))
+    if plan.overload_max_frames is not None:
+        total = min(total, plan.overload_max_frames / offered)
+    warm_up = min(plan.paced_warm_up_s, total / 2)
+    seconds = total - warm_up
     limited = base.model_copy(update={"max_frame_age_ms": plan.max_frame_age_ms})
     log(
         f"overload: {offered:.0f} frames/s ({plan.overload_load:.0%} of {capacity.fps:.0f}) for"
-        f" {seconds:.1f} s after {PACED_WARM_UP_S:g} s, without an age limit, then with"
+        f" {seconds:.1f} s after {warm_up:.1f} s, without an age limit, then with"
         f" STREAMSIGHT_MAX_FRAME_AGE_MS={plan.max_frame_age_ms:g}"
     )
     return {
@@ -1499,8 +1385,9 @@ def _overload(bench: Bench, plan: Plan, base: Settings, log: Callable[..., None]
         "load": plan.overload_load,
         "seconds": round(seconds, 2),
         "seconds_asked": plan.overload_seconds,
-        "without_limit": bench.overload(base, offered, seconds, cameras=cameras),
-        "with_limit": bench.overload(limited, offered, seconds, cameras=cameras),
+        "warm_up_s": round(warm_up, 2),
+        "without_limit": bench.overload(base, offered, seconds, warm_up, cameras),
+        "with_limit": bench.overload(limited, offered, seconds, warm_up, cameras),
     }
 
 
@@ -1717,7 +1604,9 @@ def _adaptive(
                 order.insert(1, "batch_1")
             rounds.append(
                 {
-                    who: bench.paced(settings[who], load * capacity, plan.paced_seconds)
+                    who: bench.paced(
+                        settings[who], load * capacity, plan.paced_seconds, plan.paced_warm_up_s
+                    )
                     for who in order
                 }
             )

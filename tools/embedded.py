@@ -13,9 +13,11 @@ SIGINT/SIGTERM; it prints `bootstrap=HOST:PORT[,...]` on one line when ready.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import signal
+import socket
 import sys
 import threading
 import weakref
@@ -112,6 +114,19 @@ def _destroy(lib: ctypes.CDLL, handles: list[int | None]) -> None:
         lib.rd_kafka_destroy(rk)
 
 
+WAKE_AFTER_S = 0.01
+"""How long a request to the mock cluster waits before its thread is woken."""
+
+
+def _wake_until(bootstrap: str, served: threading.Event) -> None:
+    """Connect to the first broker of `bootstrap` and hang up, every `WAKE_AFTER_S` until
+    `served` is set (a broker that is down refuses; nothing else can wake it)."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    while not served.wait(WAKE_AFTER_S):
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, int(port)), timeout=WAKE_AFTER_S).close()
+
+
 class EmbeddedBroker:
     """librdkafka's mock cluster, started in-process; speaks the real Kafka protocol on
     loopback to clients in this or any other process.
@@ -159,6 +174,30 @@ class EmbeddedBroker:
             raise EmbeddedBrokerError("the embedded broker is closed")
         return mcluster
 
+    def _request(self, function: str, *args: object) -> int:
+        """Call the mock API's `function` on the cluster with `args`; its error code.
+
+        The call waits until the mock cluster's thread has served it. That thread reads
+        its wake-up pipe after serving its request queue, so a request queued in between
+        loses its wake-up and waits for the thread's next poll timeout, a second (seen
+        under strace: the pipe's byte read, then `poll(..., 1000)`). Any connection to
+        the cluster's listener wakes that poll, so one is made every few milliseconds
+        while the call waits.
+        """
+        with self._lock:
+            cluster = self._cluster()
+            served = threading.Event()
+            waker = threading.Thread(
+                target=_wake_until, args=(self.bootstrap, served), name="embedded-waker"
+            )
+            waker.start()
+            try:
+                code: int = getattr(self._lib, function)(cluster, *args)
+            finally:
+                served.set()
+                waker.join()
+        return code
+
     def create_topic(
         self, name: str, partitions: int, replication_factor: int = 1, *, exist_ok: bool = False
     ) -> None:
@@ -171,10 +210,9 @@ class EmbeddedBroker:
             raise ValueError("partitions must be at least 1")
         if not 1 <= replication_factor <= self.brokers:
             raise ValueError(f"replication_factor must be between 1 and {self.brokers}")
-        with self._lock:
-            code = self._lib.rd_kafka_mock_topic_create(
-                self._cluster(), name.encode(), partitions, replication_factor
-            )
+        code = self._request(
+            "rd_kafka_mock_topic_create", name.encode(), partitions, replication_factor
+        )
         if code == ERR_TOPIC_ALREADY_EXISTS and exist_ok:
             return
         if code:
@@ -191,8 +229,7 @@ class EmbeddedBroker:
     def _broker_call(self, function: str, broker_id: int) -> None:
         if not 1 <= broker_id <= self.brokers:
             raise ValueError(f"broker_id must be between 1 and {self.brokers}")
-        with self._lock:
-            code = getattr(self._lib, function)(self._cluster(), broker_id)
+        code = self._request(function, broker_id)
         if code:
             raise EmbeddedBrokerError(f"{function}: {_err2str(self._lib, code)}")
 

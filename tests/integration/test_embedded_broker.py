@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,27 @@ def test_creating_an_existing_topic(
     embedded_broker.create_topic(topic, 5, exist_ok=True)
     marks = high_watermarks({"bootstrap.servers": embedded_broker.bootstrap}, topic)
     assert sorted(marks) == [0, 1]
+
+
+def test_topics_are_created_without_waiting_for_the_brokers_timer() -> None:
+    # As a flow starts: its input is filled by a producer that then closes, and its
+    # output topics are made one after the other. The second of those once waited a
+    # second for the mock cluster's thread to notice it.
+    with EmbeddedBroker() as broker:
+        waits = []
+        for round_ in range(3):
+            topic = f"frames-{round_}"
+            broker.create_topic(topic, 4)
+            producer = _producer(broker.bootstrap)
+            for i in range(96):
+                producer.produce(topic, bytes(8_000), key=str(i % 4).encode())
+            producer.flush_and_check(10)
+            producer.close()
+            for name in ("results", "letters"):
+                started = time.perf_counter()
+                broker.create_topic(f"{name}-{round_}", 4)
+                waits.append(time.perf_counter() - started)
+    assert max(waits) < 0.5, [round(w, 3) for w in waits]
 
 
 def test_create_topic_validates_arguments(embedded_broker: EmbeddedBroker) -> None:

@@ -11,7 +11,6 @@ from bench.pipeline import (
     FlowRun,
     GpuUtilisation,
     RunResult,
-    frame_ticks,
     overload_figures,
     ratio_text,
     round_ratio,
@@ -135,20 +134,3 @@ def test_an_overload_run_accounts_for_every_frame_and_the_lag_when_the_load_ends
     assert timeline[0] == [0.0, 0] and timeline[-1][1] == 1
     assert [t for t, _ in timeline] == sorted(t for t, _ in timeline)
     assert len(figures["latency_points"]) == 10
-
-
-def test_frames_fed_alongside_a_run_stay_a_bounded_count_ahead_of_it() -> None:
-    done = {"frames": 0}
-    ahead: list[int] = []
-
-    def processed() -> int:
-        # The reader catches up by a tick each time it is asked.
-        done["frames"] = min(done["frames"] + 4, sent["frames"])
-        return done["frames"]
-
-    sent = {"frames": 0}
-    for tick in frame_ticks([b"a", b"b"], 40, processed, max_ahead=8):
-        sent["frames"] += len(tick)
-        ahead.append(sent["frames"] - done["frames"])
-    assert sent["frames"] == 40
-    assert max(ahead) <= 8
