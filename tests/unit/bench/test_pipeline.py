@@ -8,6 +8,8 @@ import pytest
 from bench.pipeline import (
     MIN_WINDOW_FRAMES,
     MIN_WINDOW_S,
+    SAMPLED_TELEMETRY_TARGET,
+    TARGETS,
     FlowRun,
     GpuUtilisation,
     RunResult,
@@ -15,6 +17,7 @@ from bench.pipeline import (
     ratio_text,
     round_ratio,
     summarise,
+    telemetry_sampling,
     until_valid,
     window_problem,
 )
@@ -134,3 +137,25 @@ def test_an_overload_run_accounts_for_every_frame_and_the_lag_when_the_load_ends
     assert timeline[0] == [0.0, 0] and timeline[-1][1] == 1
     assert [t for t, _ in timeline] == sorted(t for t, _ in timeline)
     assert len(figures["latency_points"]) == 10
+
+
+@pytest.mark.parametrize(
+    ("sampler", "arg", "label", "target"),
+    [
+        (None, None, "every frame traced", TARGETS["telemetry_on_over_off"]),
+        ("parentbased_always_on", None, "every frame traced", TARGETS["telemetry_on_over_off"]),
+        ("parentbased_traceidratio", "1", "every frame traced", TARGETS["telemetry_on_over_off"]),
+        ("parentbased_traceidratio", "0.1", "10% of frames traced", SAMPLED_TELEMETRY_TARGET),
+        ("always_off", None, "no frame traced", SAMPLED_TELEMETRY_TARGET),
+    ],
+)
+def test_telemetrys_target_follows_the_configured_sampling(
+    monkeypatch: pytest.MonkeyPatch, sampler: str | None, arg: str | None, label: str, target: float
+) -> None:
+    for name, value in (("OTEL_TRACES_SAMPLER", sampler), ("OTEL_TRACES_SAMPLER_ARG", arg)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert telemetry_sampling() == (label, target)
+    assert TARGETS["telemetry_on_over_off"] == 0.90 and SAMPLED_TELEMETRY_TARGET == 0.97
