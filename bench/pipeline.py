@@ -148,11 +148,13 @@ def telemetry_sampling() -> tuple[str, float]:
     """How the configured sampler (`OTEL_TRACES_SAMPLER`) traces the frames of a
     "telemetry on" run, and the on / off ratio it is held to."""
     sampler = root_sampler()
-    if sampler is ALWAYS_ON or (isinstance(sampler, TraceIdRatioBased) and sampler.rate >= 1):
+    rate = sampler.rate if isinstance(sampler, TraceIdRatioBased) else 0.0
+    if sampler is ALWAYS_ON:
+        rate = 1.0
+    if rate >= 1:
         return "every frame traced", TARGETS["telemetry_on_over_off"]
-    if isinstance(sampler, TraceIdRatioBased):
-        return f"{sampler.rate:.0%} of frames traced", SAMPLED_TELEMETRY_TARGET
-    return "no frame traced", SAMPLED_TELEMETRY_TARGET
+    label = f"{rate * 100:g}% of frames traced" if rate > 0 else "no frame traced"
+    return label, SAMPLED_TELEMETRY_TARGET
 
 
 def window_problem(frames: int, seconds: float) -> str | None:
